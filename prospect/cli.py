@@ -1,0 +1,117 @@
+"""Command line: `prospect train`, `prospect demo`, `prospect options`.
+
+User errors end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+from prospect.errors import UserError
+
+DEMO_RECIPE = "kto_smollm2_vader"
+
+
+def loss_options() -> str:
+    from prospect.losses.base import LOSSES, get_loss
+
+    get_loss("kto")  # registers the built-in losses
+    lines = ["loss (choose with loss.name):"]
+    for name, spec in sorted(LOSSES.items()):
+        needs = ["reference model" if spec.needs_reference else "no reference", f"{spec.data} data"]
+        if spec.needs_kl_batch:
+            needs.append("KL batch of mismatched pairs")
+        summary = (sys.modules[spec.compute.__module__].__doc__ or name).strip().splitlines()[0]
+        lines.append(f"  {name}: {summary}")
+        lines.append(f"      needs: {', '.join(needs)}")
+        for f in dataclasses.fields(spec.params):
+            lines.append(f"  loss.{f.name} = {f.default!r}")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def all_options() -> str:
+    from prospect.config import describe_options
+
+    return describe_options() + "\n" + loss_options()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prospect", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    epilog = (
+        "Any option below can be set in the recipe or as section.key=value, e.g. loss.beta=0.2\n\n"
+        "options:\n" + "\n".join("  " + line for line in all_options().splitlines())
+    )
+    for name, help_text in (
+        ("train", "train a policy with a recipe"),
+        ("demo", "KTO on the embedded SmolLM2 and VADER data, with a before/after report"),
+    ):
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == "train":
+            sub.add_argument("--config", "-c", help="YAML recipe (a path, or a name under recipes/)")
+        sub.add_argument("--output-dir", "-o", help="run directory (same as train.output_dir=...)")
+        sub.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override recipe options")
+    commands.add_parser("options", help="list every option with its default and meaning")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "options":
+        print(all_options())
+        return 0
+    from prospect.config import load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    elif args.command == "demo":
+        overrides.append(f"train.output_dir=runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides += ["train.resume=true"] * args.resume + ["train.overwrite=true"] * args.overwrite
+    config = load_config(DEMO_RECIPE if args.command == "demo" else args.config, overrides)
+
+    from prospect.engine.trainer import Trainer
+
+    Trainer(config).train()
+    return 0
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("prospect").setLevel(logging.INFO)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
+    try:
+        code = run(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted; continue later with --resume", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Run configuration: typed sections read from YAML, overridden by `section.key=value` arguments.
+
+Every option is declared once, with its help text, so `prospect train --help` documents them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prospect.errors import UserError
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text (and allowed values, for strings)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt(
+        "smollm2",
+        "Policy to train: 'smollm2' (embedded SmolLM2-135M-Instruct), a local directory, a hub name, "
+        "or a .gguf file.",
+    )
+    gguf_file: str | None = opt(None, "GGUF file inside `name` (a directory or hub repo) to load.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of `name`.")
+    trust_remote_code: bool = opt(False, "Allow custom modelling code from the hub. Off unless you ask.")
+    lora_r: int = opt(
+        0, "LoRA rank; 0 trains all weights. With LoRA the reference is the adapter-disabled model."
+    )
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: 'all-linear' or a comma list.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    attn_implementation: str = opt(
+        "auto",
+        "Attention kernel: 'auto' (eager on CPU, where it beats SDPA for short sequences; transformers' "
+        "default elsewhere), or any name transformers accepts (eager, sdpa, flash_attention_2, ...).",
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = opt(
+        "vader-movies",
+        "Training data: 'vader-movies' (embedded human ratings), a .jsonl/.json/.parquet/.csv file, "
+        "a `datasets` directory, or a hub dataset name.",
+    )
+    train_split: str = opt("train", "Split of `train` to use (for datasets with splits).")
+    eval: str | None = opt(None, "Held-out data for evaluation; defaults to `train` with `eval_split`.")
+    eval_split: str = opt("test", "Split used for held-out evaluation.")
+    format: str = opt(
+        "auto",
+        "Row format: 'unpaired' {prompt, completion, label}, 'paired' {prompt, chosen, rejected}, "
+        "or 'auto' to detect from the fields.",
+        ("auto", "unpaired", "paired"),
+    )
+    max_length: int = opt(256, "Maximum tokens of prompt + completion.")
+    max_prompt_length: int = opt(128, "Prompts longer than this keep their last tokens, when truncating.")
+    truncation: bool = opt(True, "Truncate long examples; when false, a too-long example is an error.")
+    limit: int = opt(0, "Use at most this many training rows (0: all).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/prospect", "Run directory: checkpoints, metrics.jsonl and the final model.")
+    overwrite: bool = opt(
+        False, "Delete an existing run directory first. Without it, an existing one is an error."
+    )
+    resume: bool = opt(False, "Continue the run in `output_dir` from its last complete checkpoint.")
+    learning_rate: float = opt(5e-6, "Peak AdamW learning rate.")
+    lr_scheduler: str = opt("linear", "Decay after warmup.", ("constant", "linear", "cosine"))
+    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up linearly from 0.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    batch_size: int = opt(8, "Examples per device per microbatch (for pairs: pairs).")
+    grad_accum: int = opt(1, "Microbatches accumulated per optimizer step.")
+    max_steps: int = opt(0, "Optimizer steps to run; 0 means `epochs` passes over the data.")
+    epochs: float = opt(1.0, "Passes over the training data when `max_steps` is 0.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    precision: str = opt(
+        "auto",
+        "Compute precision: 'bf16' autocasts the transformer (log-softmax stays fp32), 'fp32' does not, "
+        "'auto' picks bf16 where the hardware has fast bf16 matmuls.",
+        ("auto", "bf16", "fp32"),
+    )
+    seed: int = opt(42, "Seed for data order, initialisation and sampling.")
+    deterministic: bool = opt(True, "Ask torch for deterministic algorithms.")
+    threads: int = opt(0, "CPU threads for torch (0: leave torch's default).")
+    save_every: int = opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
+    keep_last: int = opt(2, "Checkpoints to keep; older ones are pruned after a newer one is complete.")
+    log_every: int = opt(10, "Print a metrics line every N steps (every step goes to metrics.jsonl).")
+    report_to: str = opt("none", "Trackers accelerate supports, comma separated (tensorboard, wandb, ...).")
+    reference: str = opt(
+        "auto",
+        "Reference model: 'copy' (frozen copy of the initial policy), 'adapter' (LoRA disabled, needs lora_r > 0), "
+        "or 'auto' (adapter with LoRA, copy otherwise).",
+        ("auto", "copy", "adapter"),
+    )
+    disable_dropout: bool = opt(True, "Turn off dropout so policy and reference log-probs are comparable.")
+    logprob_chunk: int = opt(1024, "Completion tokens per chunk of the fp32 output projection.")
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = opt(
+        0, "Held-out prompts to generate from before and after training (0: no evaluation)."
+    )
+    judge: str = opt(
+        "none", "Score generations with: 'vader' (VADER lexicon sentiment) or 'none'.", ("none", "vader")
+    )
+    max_new_tokens: int = opt(48, "Tokens generated per prompt.")
+    temperature: float = opt(
+        1.0, "Sampling temperature; 1.0 samples the policy itself, so the KL estimate is unbiased."
+    )
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    batch_size: int = opt(32, "Prompts per generation batch.")
+    show: int = opt(3, "Example generations to print before and after.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "kto"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = "<defaults>"
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss["name"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["loss"] = dict(self.loss)
+        return out
+
+
+def coerce(value: Any, annotation: Any, where: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Check `value` against a field's type, accepting ints for floats; raise a one-line UserError."""
+    if isinstance(value, CommandLineText):
+        if annotation is str or (value.strip() and str in typing.get_args(annotation) and value != "null"):
+            value = str(value)
+        else:
+            try:
+                value = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError:
+                value = str(value)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, where, choices)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected a whole number, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise UserError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation}")
+
+
+def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a config dataclass from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{where}: unknown option '{key}'{suggest(key, known)}")
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}", known[key].metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-5` -> (['train', 'learning_rate'], '1e-5'), typed later by the option."""
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected section.key=value, e.g. train.learning_rate=1e-5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"override '{text}': expected section.key=value, e.g. loss.beta=0.2")
+    return parts, CommandLineText(raw)
+
+
+class CommandLineText(str):
+    """An override value as typed; read as YAML unless the option is a string."""
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML recipe (or the defaults), apply overrides and validate every value."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        file = resolve_recipe(path)
+        source = str(file)
+        try:
+            raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{file}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{file}: expected UTF-8 text") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{file}: expected a mapping of sections (model, data, loss, train, eval)")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"{source}: section '{section}' must be a mapping")
+        raw[section][key] = value
+
+    config = Config(source=source)
+    for section, values in raw.items():
+        if section == "loss":
+            if not isinstance(values, dict):
+                raise UserError(f"{source}: section 'loss' must be a mapping with at least 'name'")
+            config.loss = {"name": "kto", **values}
+            continue
+        if section not in SECTIONS:
+            raise UserError(f"{source}: unknown section '{section}'{suggest(section, [*SECTIONS, 'loss'])}")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section '{section}' must be a mapping")
+        setattr(config, section, build_section(SECTIONS[section], values, f"{source}: {section}"))
+    return config
+
+
+def resolve_recipe(path: str) -> Path:
+    """A recipe path, or the bare name of a file under recipes/ (`kto_vader` -> recipes/kto_vader.yaml)."""
+    file = Path(path)
+    if file.is_file():
+        return file
+    if file.is_dir():
+        raise UserError(f"{path}: is a directory; expected a YAML recipe file")
+    repo_recipes = Path(__file__).resolve().parent.parent / "recipes"
+    for candidate in (repo_recipes / path, repo_recipes / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{path}: no such recipe file")
+
+
+def describe_options() -> str:
+    """Every option with its default and help, for `--help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get("choices")
+            allowed = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"  {section}.{f.name} = {f.default!r}{allowed}")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The embedded default data: human sentiment ratings from the VADER study (Hutto & Gilbert, ICWSM 2014).
+
+About 20 people rated each snippet from -4 to +4. The corpus ships in the `vaderSentiment==3.3.2` source
+release on PyPI; it is fetched from there, checked against a pinned sha256 and cached, never committed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from prospect.assets import Distribution, cache_dir, fetch, sha256_of
+from prospect.data.sources import Row, builtin
+from prospect.errors import UserError
+
+SDIST = Distribution(
+    name="vaderSentiment",
+    version="3.3.2",
+    filename="vaderSentiment-3.3.2.tar.gz",
+    sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+    sdist=True,
+)
+CORPUS_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+CORPUS_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
+CORPORA = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
+HELD_OUT_PERCENT = 10
+POSITIVE_ABOVE = 0.5
+NEGATIVE_BELOW = -0.5
+
+
+@dataclass
+class RatedText:
+    corpus: str
+    id: int
+    text: str
+    mean: float
+    std: float
+    ratings: list[int]
+
+    @property
+    def held_out(self) -> bool:
+        """A fixed ~10% test split, by a hash of the snippet id (stable under any reordering)."""
+        return zlib.crc32(f"{self.corpus}:{self.id}".encode()) % 100 < HELD_OUT_PERCENT
+
+
+def corpus_archive() -> Path:
+    """The verified inner corpus archive, extracted once from the cached sdist."""
+    target = cache_dir() / "data" / "hutto_ICWSM_2014.tar.gz"
+    if target.is_file() and sha256_of(target) == CORPUS_SHA256:
+        return target
+    sdist = fetch(SDIST)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as outer:
+        member = outer.extractfile(CORPUS_MEMBER)
+        if member is None:
+            raise UserError(f"{sdist.name}: {CORPUS_MEMBER} is missing")
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(member.read())
+    if sha256_of(partial) != CORPUS_SHA256:
+        raise UserError(f"{CORPUS_MEMBER}: sha256 does not match the pinned value")
+    os.replace(partial, target)
+    return target
+
+
+def load_ratings(corpus: str = "movieReviewSnippets") -> list[RatedText]:
+    """Every snippet of one corpus with its mean, standard deviation and raw ratings."""
+    if corpus not in CORPORA:
+        raise UserError(f"unknown VADER corpus '{corpus}'; expected one of {', '.join(CORPORA)}")
+    with tarfile.open(corpus_archive()) as archive:
+        truth = read_member(archive, f"hutto_ICWSM_2014/{corpus}_GroundTruth.txt")
+        raw = read_member(archive, f"hutto_ICWSM_2014/{corpus}_anonDataRatings.txt")
+    ratings = {}
+    for line in raw:
+        ident, _mean, std, values = line.split("\t")
+        ratings[int(ident)] = (float(std), [int(v) for v in values.strip("[] ").split(",")])
+    items = []
+    for line in truth:
+        ident, mean, text = line.split("\t", 2)
+        std, values = ratings[int(ident)]
+        items.append(RatedText(corpus, int(ident), clean(text), float(mean), std, values))
+    return items
+
+
+def read_member(archive: tarfile.TarFile, name: str) -> list[str]:
+    handle = archive.extractfile(name)
+    if handle is None:
+        raise UserError(f"VADER corpus archive lacks {name}")
+    text = io.TextIOWrapper(handle, encoding="utf-8", errors="replace").read()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def clean(text: str) -> str:
+    """The corpus writes double quotes as two single quotes."""
+    return " ".join(text.replace("''", '"').split())
+
+
+def review_prompt(text: str) -> str:
+    """Ask for a one-sentence review that opens with the snippet's first words (2-3 of them)."""
+    words = text.split()
+    opening = " ".join(words[: max(1, min(3, len(words) // 2))])
+    return f'Write a one-sentence movie review that begins with "{opening}".'
+
+
+@builtin("vader-movies")
+def vader_movies(split: str) -> list[Row]:
+    """Movie-review snippets as KTO data: desirable when the raters' mean is above +0.5, undesirable below
+    -0.5 (snippets in between are left out). Split 'test' is the held-out ~10%; 'all' is both."""
+    if split not in ("train", "test", "all"):
+        raise UserError(f"vader-movies: no split '{split}'; it has train, test, all")
+    rows = []
+    for item in load_ratings("movieReviewSnippets"):
+        if split != "all" and item.held_out != (split == "test"):
+            continue
+        if NEGATIVE_BELOW <= item.mean <= POSITIVE_ABOVE:
+            continue
+        values = {
+            "prompt": [{"role": "user", "content": review_prompt(item.text)}],
+            "completion": item.text,
+            "label": item.mean > POSITIVE_ABOVE,
+            "rating_mean": item.mean,
+            "ratings": item.ratings,
+            "id": f"movies-{item.id}",
+        }
+        rows.append(Row(f"vader-movies[{split}]: id {item.id}", values))
+    return rows

@@ -1,0 +1,73 @@
+"""What a loss is: a pure function of per-sequence log-probs, and a declaration of what it needs.
+
+The engine reads the declaration (reference model? KL batch? unpaired or paired data?), computes the
+inputs, and normalises: every loss returns per-unit losses whose sum the engine divides by the number
+of units in the whole optimizer step, across microbatches and processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prospect.config import build_section, suggest
+from prospect.errors import UserError
+
+
+@dataclass
+class LossInputs:
+    """Shapes are [N] for N sequences of a microbatch."""
+
+    policy_logps: torch.Tensor  # summed completion log-probs under the policy (carries the gradient)
+    completion_lengths: torch.Tensor  # completion tokens per sequence (float)
+    reference_logps: torch.Tensor | None = None  # same, under the reference (no gradient)
+    labels: torch.Tensor | None = None  # bool: desirable (True) / undesirable (False)
+    kl_estimate: torch.Tensor | None = None  # scalar: mean policy/reference log-ratio on mismatched pairs
+
+
+@dataclass
+class LossOutput:
+    losses: torch.Tensor  # [U] one loss per unit (example or pair)
+    means: dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count), averaged over the step
+    totals: dict[str, torch.Tensor]  # metric -> value summed over the step (e.g. counts)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    compute: Callable[[LossInputs, Any], LossOutput]
+    params: type  # dataclass of hyperparameters, each declared with `opt`
+    data: str  # "unpaired" | "paired"
+    needs_reference: bool
+    needs_kl_batch: bool = False
+    check_data: Callable[[Any, dict[str, int]], list[str]] | None = None  # -> warnings; raises UserError
+
+    def make_params(self, values: dict[str, Any], where: str) -> Any:
+        return build_section(self.params, {k: v for k, v in values.items() if k != "name"}, where)
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register(spec: LossSpec) -> LossSpec:
+    LOSSES[spec.name] = spec
+    return spec
+
+
+def get_loss(name: str) -> LossSpec:
+    import prospect.losses  # noqa: F401  (registers the built-in losses)
+
+    if name not in LOSSES:
+        raise UserError(
+            f"unknown loss '{name}'{suggest(name, LOSSES)}; available: {', '.join(sorted(LOSSES))}"
+        )
+    return LOSSES[name]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) of `values` where `mask`, detached, for step-level averaging."""
+    values = values.detach()
+    return (values * mask).sum(), mask.sum().to(values.dtype)

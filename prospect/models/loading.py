@@ -1,0 +1,118 @@
+"""Load any causal LM transformers can: a local directory, a hub name, or a GGUF file.
+
+GGUF files are de-quantized once, saved as safetensors in the cache and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prospect.assets import cache_dir, replace_dir, sha256_of
+from prospect.config import ModelConfig
+from prospect.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The policy in fp32 (master weights) and its tokenizer, with a pad token set."""
+    source, gguf_file = resolve_model_source(cfg)
+    if gguf_file is not None:
+        source = convert_gguf(source, gguf_file)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    attention = cfg.attn_implementation
+    if attention == "auto":
+        attention = None if torch.cuda.is_available() else "eager"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, attn_implementation=attention, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{cfg.name}': could not load it ({first_line(exc)})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(directory or hub name, GGUF file name or None)."""
+    if cfg.name == "smollm2":
+        from prospect.models.default import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        return str(gguf.parent), gguf.name
+    path = Path(cfg.name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model '{cfg.name}': no such GGUF file")
+        return str(path.parent), path.name
+    if cfg.gguf_file:
+        return cfg.name, cfg.gguf_file
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(
+            f"model '{cfg.name}': directory has no config.json; expected a transformers checkpoint"
+        )
+    return cfg.name, None
+
+
+def convert_gguf(source: str, gguf_file: str) -> str:
+    """De-quantize a GGUF checkpoint to a safetensors directory in the cache (once per file content)."""
+    local = Path(source) / gguf_file
+    if local.is_file():
+        key = sha256_of(local)[:16]
+    else:  # a GGUF file inside a hub repo: fetch it through the hub cache first
+        from huggingface_hub import hf_hub_download
+
+        local = Path(hf_hub_download(source, gguf_file))
+        key = sha256_of(local)[:16]
+    final = cache_dir() / "models" / f"{local.stem}-{key}"
+    if (final / "prospect-conversion.json").is_file():
+        return str(final)
+    log.info("converting %s to safetensors (once) in %s", local.name, final)
+    tokenizer = AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name)
+    model = AutoModelForCausalLM.from_pretrained(str(local.parent), gguf_file=local.name, dtype=torch.float32)
+    detach_quantizer(model)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    check_saved_weights(model, tmp)
+    (tmp / "prospect-conversion.json").write_text(json.dumps({"gguf": local.name, "sha256_prefix": key}))
+    replace_dir(tmp, final)
+    return str(final)
+
+
+def detach_quantizer(model: PreTrainedModel) -> None:
+    """A GGUF-loaded model holds de-quantized fp32 weights but still carries the quantizer, which blocks
+    `save_pretrained`. Drop it, as transformers does after a `dequantize`."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+def check_saved_weights(model: PreTrainedModel, directory: Path) -> None:
+    """Every tensor in the saved safetensors equals the loaded one; every parameter is saved or tied."""
+    saved: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        saved.update(load_file(shard))
+    state = model.state_dict()
+    for name, tensor in saved.items():
+        if name not in state or not torch.equal(state[name], tensor):
+            raise RuntimeError(f"converted checkpoint differs from the loaded model at {name}")
+    missing = set(state) - set(saved)
+    tied = {name for name in missing if any(state[name].data_ptr() == state[s].data_ptr() for s in saved)}
+    if missing - tied:
+        raise RuntimeError(f"converted checkpoint lacks {sorted(missing - tied)[:3]}")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,101 @@
+"""Per-token log-probs of completion tokens: the one quantity every offline loss is built from.
+
+The transformer trunk may run under bf16 autocast; the output projection and log-softmax always run in
+fp32, only at completion positions and in chunks, so full [batch, length, vocab] logits never exist.
+Policy and reference go through this same code, so their log-ratio is not rounding noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from prospect.data.batching import Sequences
+
+# Config attributes of models whose logits are not a plain linear projection of the last hidden state.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class TokenScorer(nn.Module):
+    """Wraps a causal LM (optionally a PEFT model). `forward` returns [N, T-1] fp32 log-probs of each
+    next token, zero where the token is not a completion token. Being an nn.Module, it is what
+    accelerate wraps for DDP/FSDP, so every forward goes through the wrapper."""
+
+    def __init__(self, model: nn.Module, bf16: bool = False, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+        self.chunk = chunk
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        targets = input_ids[:, 1:]
+        target_mask = completion_mask[:, 1:]
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+        trunk, head = split_head(self.model)
+        with self.autocast():
+            if head is None:
+                logits = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).logits
+            else:
+                hidden = trunk(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
+        with torch.autocast(input_ids.device.type, enabled=False):
+            if head is None:
+                logps = logits[:, :-1][target_mask].float().log_softmax(-1)
+                values = logps.gather(-1, targets[target_mask].unsqueeze(-1)).squeeze(-1)
+            else:
+                values = linear_logprobs(hidden[:, :-1][target_mask], head, targets[target_mask], self.chunk)
+        return out.masked_scatter(target_mask, values)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def sequence_logps(self, seqs: Sequences) -> torch.Tensor:
+        """Summed completion log-prob per sequence, [N]."""
+        return self(seqs.input_ids, seqs.attention_mask, seqs.completion_mask).sum(-1)
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
+    """(trunk, output projection) when logits are a plain linear map of the trunk's output, else (None, None)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if not isinstance(head, nn.Linear) or any(
+        getattr(config, a, None) not in (None, 1, 1.0) for a in LOGIT_TRANSFORMS
+    ):
+        return None, None
+    trunk = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if trunk is None or trunk is base:
+        return None, None
+    return trunk, head
+
+
+def linear_logprobs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log softmax(hidden @ W^T + b)[target] in fp32, chunk by chunk. With gradients, each chunk's logits
+    are recomputed in backward instead of being stored."""
+    pieces = []
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start : start + chunk], head.weight, head.bias, targets[start : start + chunk])
+        pieces.append(
+            checkpoint(chunk_logprobs, *args, use_reentrant=False) if needs_grad else chunk_logprobs(*args)
+        )
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def chunk_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

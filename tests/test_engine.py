@@ -1,0 +1,173 @@
+"""The training loop on a tiny model: direction of learning, accumulation scaling, resume, saving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prospect.config import load_config
+from prospect.data.batching import unpaired_batch
+from prospect.engine.trainer import Trainer
+from prospect.errors import UserError
+from tests.conftest import tiny_overrides
+
+
+def make_trainer(tiny_model_dir, data, out, callbacks=None, **extra) -> Trainer:
+    return Trainer(load_config(None, tiny_overrides(tiny_model_dir, data, out, **extra)), callbacks=callbacks)
+
+
+def mean_logps(trainer: Trainer) -> tuple[float, float]:
+    """Mean summed log-prob of the desirable and of the undesirable training completions."""
+    items = trainer.data.items
+    batch = unpaired_batch(items, trainer.tokenizer.pad_token_id, None)
+    with torch.no_grad():
+        logps = trainer.accelerator.unwrap_model(trainer.policy).sequence_logps(batch.sequences)
+    return logps[batch.labels].mean().item(), logps[~batch.labels].mean().item()
+
+
+def test_kto_raises_desirable_and_lowers_undesirable(tiny_model_dir, kto_file, tmp_path):
+    trainer = make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"train.max_steps": 30})
+    desirable_before, undesirable_before = mean_logps(trainer)
+    trainer.train()
+    desirable_after, undesirable_after = mean_logps(trainer)
+    assert desirable_after > desirable_before + 1.0
+    assert undesirable_after < undesirable_before - 1.0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 30
+    first, last = (json.loads(line) for line in (lines[0], lines[-1]))
+    assert first["loss"] == pytest.approx(0.5)  # policy == reference at step 0: KTO = 0.5 * lambda
+    assert last["rewards/desirable"] > 0 > last["rewards/undesirable"]
+    for key in (
+        "kl",
+        "rewards/desirable",
+        "rewards/undesirable",
+        "count/desirable",
+        "count/undesirable",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
+        assert key in first
+
+
+def test_accumulation_equals_one_big_batch(tiny_model_dir, kto_file, tmp_path):
+    """Two microbatches of 4 give the gradient of one batch of 8 (at step 0 both KL estimates are 0)."""
+    big = make_trainer(tiny_model_dir, kto_file, tmp_path / "big", **{"train.batch_size": 8})
+    small = make_trainer(
+        tiny_model_dir, kto_file, tmp_path / "small", **{"train.batch_size": 4, "train.grad_accum": 2}
+    )
+    metrics_big, _ = big.accumulate_gradients()
+    metrics_small, _ = small.accumulate_gradients()
+    assert metrics_small["loss"] == pytest.approx(metrics_big["loss"], abs=1e-7)
+    grads_big = [p.grad for p in big.policy.parameters()]
+    grads_small = [p.grad for p in small.policy.parameters()]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_big, grads_small))
+    assert sum(g.abs().sum() for g in grads_big) > 0
+
+
+def final_weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+class StopAt:
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, trainer, result):
+        if result.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_is_bit_identical(tiny_model_dir, kto_file, tmp_path):
+    options = {"train.max_steps": 6, "train.save_every": 2, "train.keep_last": 1}
+    make_trainer(tiny_model_dir, kto_file, tmp_path / "straight", **options).train()
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tiny_model_dir, kto_file, tmp_path / "broken", callbacks=[StopAt(3)], **options).train()
+    checkpoints = sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002"]  # step 3 ran but was not saved: resume must redo it
+    resumed = make_trainer(tiny_model_dir, kto_file, tmp_path / "broken", **options, **{"train.resume": True})
+    resumed.train()
+    straight, broken = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    assert straight.keys() == broken.keys()
+    assert all(torch.equal(straight[k], broken[k]) for k in straight)
+    lines = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]  # the unsaved step 3 is not logged twice
+
+
+def test_resume_refuses_a_changed_config(tiny_model_dir, kto_file, tmp_path):
+    make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"train.max_steps": 1}).train()
+    with pytest.raises(UserError, match=r"cannot resume with train.learning_rate=0.5; the run used 0.001"):
+        make_trainer(
+            tiny_model_dir,
+            kto_file,
+            tmp_path / "run",
+            **{"train.max_steps": 1, "train.resume": True, "train.learning_rate": 0.5},
+        )
+
+
+def test_existing_run_dir_is_never_silently_overwritten(tiny_model_dir, kto_file, tmp_path):
+    run = tmp_path / "run"
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1}).train()
+    with pytest.raises(UserError, match="run directory exists; pass --resume to continue it or --overwrite"):
+        make_trainer(tiny_model_dir, kto_file, run)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(UserError, match=r"not a prospect run directory .* refusing to delete it"):
+        make_trainer(tiny_model_dir, kto_file, foreign, **{"train.overwrite": True})
+    assert (foreign / "holiday.jpg").exists()
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1, "train.overwrite": True}).train()
+    assert (run / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_final_model_loads_in_plain_transformers(tiny_model_dir, kto_file, tmp_path, lora):
+    trainer = make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"model.lora_r": lora})
+    final = trainer.train()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert sorted(p.name for p in final.glob("*.safetensors")) == ["model.safetensors"]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Review the cartoon."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    # The saved model computes what the trained policy computes (LoRA merged into the weights).
+    ids = torch.tensor([trainer.data.items[0].prompt_ids + trainer.data.items[0].completion_ids])
+    with torch.no_grad():
+        expected = trainer.accelerator.unwrap_model(trainer.policy).model(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_lora_reference_is_the_policy_without_its_adapter(tiny_model_dir, kto_file, tmp_path):
+    trainer = make_trainer(
+        tiny_model_dir, kto_file, tmp_path / "run", **{"model.lora_r": 4, "train.max_steps": 3}
+    )
+    assert trainer.reference_mode == "adapter" and trainer.initial_model is None
+    batch = trainer.make_batch(list(range(4)))
+    before = trainer.reference(batch.sequences)
+    assert torch.equal(before, trainer.policy_logps(batch.sequences).detach())  # B = 0 at the start
+    trainer.train()
+    assert torch.equal(trainer.reference(batch.sequences), before)  # the reference did not move
+    assert not torch.equal(trainer.policy_logps(batch.sequences).detach(), before)  # the policy did
+
+
+def test_batch_size_one_is_refused_for_kto(tiny_model_dir, kto_file, tmp_path):
+    with pytest.raises(UserError, match=r"train.batch_size=1: loss 'kto' pairs each prompt with another"):
+        make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"train.batch_size": 1})
+    assert not (tmp_path / "run").exists()

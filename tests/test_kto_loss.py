@@ -1,0 +1,114 @@
+"""KTO against the paper's formula, written out independently here with math on plain floats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prospect.errors import UserError
+from prospect.losses.base import LossInputs
+from prospect.losses.kto import KTOParams, check_balance, kto_loss
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def by_hand(policy, reference, labels, kl, beta, lam_d, lam_u):
+    z = max(kl, 0.0)
+    out = []
+    for p, r, d in zip(policy, reference, labels):
+        reward = p - r
+        out.append(
+            lam_d * (1 - sigmoid(beta * (reward - z))) if d else lam_u * (1 - sigmoid(beta * (z - reward)))
+        )
+    return out
+
+
+def inputs(policy, reference, labels, kl):
+    return LossInputs(
+        policy_logps=torch.tensor(policy, dtype=torch.float64, requires_grad=True),
+        completion_lengths=torch.ones(len(policy)),
+        reference_logps=torch.tensor(reference, dtype=torch.float64),
+        labels=torch.tensor(labels),
+        kl_estimate=torch.tensor(kl, dtype=torch.float64),
+    )
+
+
+def test_step_zero_is_half_lambda():
+    """policy == reference and KL 0: every example loses exactly 0.5 * its lambda."""
+    logps = [-12.0, -30.5, -7.25, -19.0]
+    out = kto_loss(
+        inputs(logps, logps, [True, False, True, False], 0.0),
+        KTOParams(beta=0.1, desirable_weight=1.5, undesirable_weight=0.8),
+    )
+    assert out.losses.tolist() == [0.75, 0.4, 0.75, 0.4]
+
+
+@pytest.mark.parametrize("kl", [0.0, 0.37, 2.0])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_matches_formula(kl, beta):
+    policy = [-10.0, -12.5, -8.0, -20.0, -3.0]
+    reference = [-11.0, -12.0, -9.5, -18.0, -3.0]
+    labels = [True, True, False, False, True]
+    out = kto_loss(
+        inputs(policy, reference, labels, kl),
+        KTOParams(beta=beta, desirable_weight=1.3, undesirable_weight=0.7),
+    )
+    expected = by_hand(policy, reference, labels, kl, beta, 1.3, 0.7)
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_negative_kl_is_clamped_to_zero():
+    policy, reference, labels = [-10.0, -9.0], [-10.5, -8.0], [True, False]
+    clamped = kto_loss(inputs(policy, reference, labels, -3.0), KTOParams()).losses
+    at_zero = kto_loss(inputs(policy, reference, labels, 0.0), KTOParams()).losses
+    assert torch.equal(clamped, at_zero)
+    assert clamped.tolist() == pytest.approx(by_hand(policy, reference, labels, 0.0, 0.1, 1, 1))
+
+
+def test_gradient_flows_through_policy_only():
+    x = inputs([-10.0, -9.0], [-10.5, -8.0], [True, False], 0.4)
+    x.kl_estimate.requires_grad_(True)
+    kto_loss(x, KTOParams(beta=0.2)).losses.sum().backward()
+    assert x.kl_estimate.grad is None  # the reference point is detached
+    # d/dp of 1 - sigmoid(b(p - r - z)) is -b s (1 - s); of 1 - sigmoid(b(z - p + r)) is +b s (1 - s).
+    s_d = sigmoid(0.2 * (0.5 - 0.4))
+    s_u = sigmoid(0.2 * (0.4 + 1.0))
+    assert x.policy_logps.grad.tolist() == pytest.approx([-0.2 * s_d * (1 - s_d), 0.2 * s_u * (1 - s_u)])
+
+
+def test_metrics_split_by_label():
+    out = kto_loss(
+        inputs([-1.0, -2.0, -3.0], [-2.0, -2.0, -2.0], [True, False, False], 0.0), KTOParams(beta=0.5)
+    )
+    total, count = out.means["rewards/desirable"]
+    assert (total / count).item() == pytest.approx(0.5)
+    total, count = out.means["rewards/undesirable"]
+    assert (total / count).item() == pytest.approx(-0.25)
+    assert out.totals["count/undesirable"].item() == 2
+
+
+def test_empty_label_group_gives_no_nan():
+    out = kto_loss(inputs([-1.0, -2.0], [-1.0, -2.0], [True, True], 0.0), KTOParams())
+    assert torch.isfinite(out.losses).all()
+    assert out.means["rewards/undesirable"][1].item() == 0  # count 0, so the step average skips it
+
+
+def test_balance_rule():
+    assert check_balance(KTOParams(), {"desirable": 100, "undesirable": 90}) == []
+    (warning,) = check_balance(KTOParams(), {"desirable": 50, "undesirable": 100})
+    assert (
+        "0.500" in warning
+        and "loss.desirable_weight=2" in warning
+        and "loss.undesirable_weight=0.5" in warning
+    )
+    (warning,) = check_balance(KTOParams(), {"desirable": 200, "undesirable": 100})
+    assert "loss.desirable_weight=0.667" in warning
+
+
+def test_single_class_is_an_error():
+    with pytest.raises(UserError, match="no undesirable ones"):
+        check_balance(KTOParams(), {"desirable": 10, "undesirable": 0})
