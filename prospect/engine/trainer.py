@@ -326,10 +326,10 @@ class Trainer:
         )
         first_step, loop_started = self.step, time.perf_counter()
         while self.step < self.total_steps:
-            started = time.perf_counter()
+            step_started = time.perf_counter()
             metrics = self.train_step()
             self.step += 1
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - step_started
             metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
             if is_main:
                 metrics_log.write({"step": self.step, **metrics})
