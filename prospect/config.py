@@ -60,9 +60,30 @@ class DataConfig:
     format: str = opt(
         "auto",
         "Row format: 'unpaired' {prompt, completion, label}, 'paired' {prompt, chosen, rejected}, "
-        "or 'auto' to detect from the fields.",
-        ("auto", "unpaired", "paired"),
+        "'rated' {prompt, completion, rating}, 'ranked' {prompt, ranking: [best, ..., worst]}, "
+        "'completions' {prompt, completion}, or 'auto' to detect from the fields.",
+        ("auto", "unpaired", "paired", "rated", "ranked", "completions"),
     )
+    desirable_above: float = opt(0.5, "Rated rows: a rating above this is desirable (for unpaired losses).")
+    undesirable_below: float = opt(
+        -0.5, "Rated rows: a rating below this is undesirable; in between is left out."
+    )
+    pair_min_gap: float = opt(
+        1.0, "Rated rows: pair two completions of the same prompt when ratings differ this much."
+    )
+    max_pairs_per_prompt: int = opt(
+        0, "Rated rows: at most this many pairs per prompt, drawn at random (0: all)."
+    )
+    unpaired_from_pairs: str = opt(
+        "both",
+        "Pairs for unpaired losses: 'both' sides, 'one' side at random (one completion per prompt), "
+        "'chosen' or 'rejected' only.",
+        ("both", "one", "chosen", "rejected"),
+    )
+    desirable_fraction: float = opt(
+        1.0, "Keep this fraction of desirable examples (the KTO paper's imbalance test)."
+    )
+    undesirable_fraction: float = opt(1.0, "Keep this fraction of undesirable examples.")
     max_length: int = opt(256, "Maximum tokens of prompt + completion.")
     max_prompt_length: int = opt(128, "Prompts longer than this keep their last tokens, when truncating.")
     truncation: bool = opt(True, "Truncate long examples; when false, a too-long example is an error.")
@@ -103,6 +124,21 @@ class TrainConfig:
         "Reference model: 'copy' (frozen copy of the initial policy), 'adapter' (LoRA disabled, needs lora_r > 0), "
         "or 'auto' (adapter with LoRA, copy otherwise).",
         ("auto", "copy", "adapter"),
+    )
+    reference_cache: bool = opt(
+        False,
+        "Compute every reference log-prob the run needs once, before training, and keep them on disk "
+        "(safetensors, keyed by sequence content); later runs on the same model, tokenizer, truncation and "
+        "precision reuse them.",
+    )
+    reference_refresh_every: int = opt(
+        0, "TR-DPO: copy the policy into the reference every N steps (0: never)."
+    )
+    reference_refresh_alpha: float = opt(
+        1.0, "TR-DPO soft update: ref <- alpha * policy + (1 - alpha) * ref."
+    )
+    padding_free: bool = opt(
+        False, "Pack each microbatch into one row with per-sequence positions: no compute on padding."
     )
     disable_dropout: bool = opt(True, "Turn off dropout so policy and reference log-probs are comparable.")
     logprob_chunk: int = opt(1024, "Completion tokens per chunk of the fp32 output projection.")
@@ -256,7 +292,7 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         if section == "loss":
             if not isinstance(values, dict):
                 raise UserError(f"{source}: section 'loss' must be a mapping with at least 'name'")
-            config.loss = {"name": "kto", **values}
+            config.loss = typed_loss_options({"name": "kto", **values}, source)
             continue
         if section not in SECTIONS:
             raise UserError(f"{source}: unknown section '{section}'{suggest(section, [*SECTIONS, 'loss'])}")
@@ -264,6 +300,15 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
             raise UserError(f"{source}: section '{section}' must be a mapping")
         setattr(config, section, build_section(SECTIONS[section], values, f"{source}: {section}"))
     return config
+
+
+def typed_loss_options(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check the loss name and its options against the loss's own parameter declarations."""
+    from prospect.losses.base import get_loss
+
+    name = str(values["name"])
+    params = get_loss(name).make_params(values, f"{source}: loss")
+    return {"name": name, **{k: getattr(params, k) for k in values if k != "name"}}
 
 
 def resolve_recipe(path: str) -> Path:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 
 import pytest
 import torch
 
 from prospect.config import DataConfig
 from prospect.data.batching import microbatch_slice, step_indices, unpaired_batch
-from prospect.data.formats import pairs_to_unpaired, parse_rows
-from prospect.data.pipeline import read_examples
+from prospect.data.convert import unpair
+from prospect.data.formats import parse_rows
+from prospect.data.pipeline import read_training
 from prospect.data.tokenize import Encoded, Encoder
 from prospect.errors import UserError
 from tests.conftest import paired_rows, unpaired_rows, write_jsonl
@@ -48,7 +50,7 @@ def test_every_unpaired_format_reads_the_same(tmp_path, conversational):
     assert set(paths) >= {"jsonl", "json", "parquet", "dataset"}
     results = {}
     for kind, path in paths.items():
-        results[kind] = normalised(read_examples(DataConfig(train=str(path)), "unpaired", seed=0))
+        results[kind] = normalised(read_training(DataConfig(train=str(path)), "unpaired", seed=0))
     expected = results["jsonl"]
     assert len(expected) == 12
     assert all(r == expected for r in results.values())
@@ -59,7 +61,7 @@ def test_every_unpaired_format_reads_the_same(tmp_path, conversational):
 def test_paired_rows_become_shuffled_unpaired(tmp_path, conversational):
     rows = paired_rows(20, conversational)
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    examples = read_examples(DataConfig(train=str(path)), "unpaired", seed=3)
+    examples = read_training(DataConfig(train=str(path)), "unpaired", seed=3)
     assert len(examples) == 40
     assert sum(e.label for e in examples) == 20
     # Shuffled: the first half is not all desirable (the block order that gives one-label batches).
@@ -74,7 +76,7 @@ def test_paired_rows_become_shuffled_unpaired(tmp_path, conversational):
 
 def test_pairs_to_unpaired_keeps_each_pair():
     _, pairs = parse_rows(read_rows_from(paired_rows(4)), "paired")
-    examples = pairs_to_unpaired(pairs, seed=0)
+    examples = unpair(pairs, "both", random.Random(0))
     for pair in pairs:
         mine = [e for e in examples if e.location == pair.location]
         assert sorted((e.completion, e.label) for e in mine) == sorted(

@@ -98,15 +98,23 @@ def test_empty_label_group_gives_no_nan():
 
 
 def test_balance_rule():
-    assert check_balance(KTOParams(), {"desirable": 100, "undesirable": 90}) == []
-    (warning,) = check_balance(KTOParams(), {"desirable": 50, "undesirable": 100})
+    assert check_balance(KTOParams(), {"desirable": 100, "undesirable": 90}) == (KTOParams(), [])
+    _, (warning,) = check_balance(KTOParams(), {"desirable": 50, "undesirable": 100})
     assert (
         "0.500" in warning
         and "loss.desirable_weight=2" in warning
         and "loss.undesirable_weight=0.5" in warning
     )
-    (warning,) = check_balance(KTOParams(), {"desirable": 200, "undesirable": 100})
+    _, (warning,) = check_balance(KTOParams(), {"desirable": 200, "undesirable": 100})
     assert "loss.desirable_weight=0.667" in warning
+
+
+def test_auto_weights_apply_the_rule():
+    params, _ = check_balance(
+        KTOParams(auto_weights=True, undesirable_weight=1.5), {"desirable": 30, "undesirable": 90}
+    )
+    assert params.desirable_weight == pytest.approx(4.5)  # 4.5 * 30 / (1.5 * 90) = 1
+    assert check_balance(params, {"desirable": 30, "undesirable": 90})[1]  # the note says what was set
 
 
 def test_single_class_is_an_error():

@@ -7,7 +7,9 @@ import tarfile
 
 import pytest
 
+from prospect.config import DataConfig
 from prospect.data import vader
+from prospect.data.pipeline import read_training
 from prospect.data.sources import read_rows
 
 
@@ -24,21 +26,41 @@ def test_corpus_is_the_published_one(movies):
     assert first.mean == pytest.approx(sum(first.ratings) / len(first.ratings), abs=1e-6)
 
 
-def test_splits_are_disjoint_and_labels_follow_the_thresholds(movies):
+def test_splits_are_disjoint_and_carry_the_ratings(movies):
     train, test = read_rows("vader-movies", "train"), read_rows("vader-movies", "test")
     train_ids = {r.values["id"] for r in train}
     test_ids = {r.values["id"] for r in test}
     assert not train_ids & test_ids
-    assert 0.08 < len(test) / (len(train) + len(test)) < 0.12
+    assert len(train) + len(test) == len(movies)
+    assert 0.08 < len(test) / len(movies) < 0.12
+    by_id = {f"movies-{m.id}": m for m in movies}
     for row in train + test:
-        mean = row.values["rating_mean"]
-        assert row.values["label"] == (mean > 0.5) and abs(mean) > 0.5
-    kept = sum(abs(m.mean) > 0.5 for m in movies)
-    assert len(train) + len(test) == kept
+        assert row.values["rating"] == by_id[row.values["id"]].mean
     row = train[0].values
     assert row["prompt"][0]["content"].startswith("Write a one-sentence movie review that begins with")
     opening = row["prompt"][0]["content"].split('"')[1]
     assert row["completion"].startswith(opening)
+
+
+def test_kto_labels_follow_the_thresholds(movies):
+    examples = read_training(DataConfig(train="vader-movies"), "unpaired", seed=0)
+    held_in = [m for m in movies if not m.held_out]
+    assert sum(e.label for e in examples) == sum(m.mean > 0.5 for m in held_in)
+    assert sum(not e.label for e in examples) == sum(m.mean < -0.5 for m in held_in)
+    assert all((e.rating > 0.5) == e.label and abs(e.rating) > 0.5 for e in examples)
+
+
+def test_pairs_from_rating_gaps_share_a_prompt(movies):
+    pairs = read_training(
+        DataConfig(train="vader-movies", pair_min_gap=2.0, max_pairs_per_prompt=8), "paired", 0
+    )
+    ratings = {m.text: m.mean for m in movies}
+    assert len(pairs) > 1000
+    for pair in pairs[:200]:
+        opening = pair.prompt[0]["content"].split('"')[1]
+        chosen, rejected = pair.chosen[0]["content"], pair.rejected[0]["content"]
+        assert chosen.startswith(opening) and rejected.startswith(opening)
+        assert ratings[chosen] - ratings[rejected] >= 2.0
 
 
 def test_a_tampered_archive_is_refused(tmp_path, monkeypatch):

@@ -1,29 +1,69 @@
-"""Padded tensors for the engine, and the stateless batch order that makes runs resumable."""
+"""Tensors for the engine, padded or packed, and the stateless batch order that makes runs resumable."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from prospect.data.tokenize import Encoded
+from prospect.data.tokenize import Encoded, EncodedPair
 
 
 @dataclass
 class Sequences:
-    """Right-padded prompt + completion token ids. `completion_mask[i, t]` marks completion tokens."""
+    """Prompt + completion token ids, one sequence per row (padded) or several per row (packed).
+
+    `completion_mask[r, t]` marks completion tokens; `sequence_index[r, t]` says which sequence a token
+    belongs to (-1 for padding). Packed rows carry `position_ids` that restart at 0 for each sequence and
+    no attention mask, so transformers keeps attention within each sequence and no compute goes to padding.
+    """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     completion_mask: torch.Tensor
+    sequence_index: torch.Tensor
+    num_sequences: int
+    position_ids: torch.Tensor | None = None
+    keys: list[bytes] | None = None  # content hash of each sequence, for the reference cache
 
     def to(self, device: torch.device | str) -> Sequences:
-        return Sequences(*(getattr(self, f.name).to(device) for f in fields(self)))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Sequences(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.completion_mask),
+            move(self.sequence_index),
+            self.num_sequences,
+            move(self.position_ids),
+            self.keys,
+        )
 
     @property
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    @property
+    def tokens(self) -> int:
+        return int((self.sequence_index >= 0).sum())
+
+    def per_sequence(self, token_values: torch.Tensor) -> torch.Tensor:
+        """Sum [rows, T-1] next-token values (zero off completions) into one value per sequence, [N]."""
+        index = self.sequence_index[:, 1:].clamp(min=0).flatten()
+        out = token_values.new_zeros(self.num_sequences)
+        return out.index_add(0, index, token_values.flatten())
+
+    def completion_lengths(self) -> torch.Tensor:
+        ones = self.completion_mask[:, 1:].float()
+        return self.per_sequence(ones)
+
+
+def sequence_key(prompt: list[int], completion: list[int]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(len(prompt).to_bytes(4, "little"))
+    digest.update(torch.tensor(prompt + completion, dtype=torch.int64).numpy().tobytes())
+    return digest.digest()
 
 
 def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Sequences:
@@ -32,16 +72,40 @@ def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> 
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     completion = torch.zeros((n, width), dtype=torch.bool)
+    index = torch.full((n, width), -1, dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         attention[i, : len(p) + len(c)] = 1
         completion[i, len(p) : len(p) + len(c)] = True
-    return Sequences(input_ids, attention, completion)
+        index[i, : len(p) + len(c)] = i
+    keys = [sequence_key(p, c) for p, c in zip(prompts, completions)]
+    return Sequences(input_ids, attention, completion, index, n, keys=keys)
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Sequences:
+    """All sequences end to end in one row: no padding at all."""
+    ids, positions, completion, index = [], [], [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids += p + c
+        positions += range(len(p) + len(c))
+        completion += [False] * len(p) + [True] * len(c)
+        index += [i] * (len(p) + len(c))
+    keys = [sequence_key(p, c) for p, c in zip(prompts, completions)]
+    row = lambda values, dtype: torch.tensor([values], dtype=dtype)  # noqa: E731
+    return Sequences(
+        row(ids, torch.long),
+        None,
+        row(completion, torch.bool),
+        row(index, torch.long),
+        len(prompts),
+        position_ids=row(positions, torch.long),
+        keys=keys,
+    )
 
 
 @dataclass
 class Batch:
-    """One microbatch. `units` counts what the loss averages over (examples or pairs)."""
+    """One microbatch. `units` counts what example-normalised losses average over (examples or pairs)."""
 
     sequences: Sequences
     locations: list[str]
@@ -59,19 +123,32 @@ class Batch:
         )
 
 
-def unpaired_batch(items: list[Encoded], pad_id: int, kl_fit: Callable[[Encoded], Encoded] | None) -> Batch:
+Builder = Callable[[list[list[int]], list[list[int]], int], Sequences]
+
+
+def unpaired_batch(
+    items: list[Encoded], pad_id: int, kl_fit: Callable[[Encoded], Encoded] | None, build: Builder = pad
+) -> Batch:
     """Labelled completions; with `kl_fit`, also KTO's mismatched pairs (x_i, y_{(i+1) mod n})."""
-    sequences = pad([it.prompt_ids for it in items], [it.completion_ids for it in items], pad_id)
+    sequences = build([it.prompt_ids for it in items], [it.completion_ids for it in items], pad_id)
     labels = torch.tensor([bool(it.label) for it in items], dtype=torch.bool)
     kl = None
     if kl_fit is not None:
-        n = len(items)
-        shifted = [
-            kl_fit(Encoded(items[i].prompt_ids, items[(i + 1) % n].completion_ids, None, ""))
-            for i in range(n)
-        ]
-        kl = pad([s.prompt_ids for s in shifted], [s.completion_ids for s in shifted], pad_id)
+        shifted = mismatched(items, kl_fit)
+        kl = build([s.prompt_ids for s in shifted], [s.completion_ids for s in shifted], pad_id)
     return Batch(sequences, [it.location for it in items], len(items), labels, kl)
+
+
+def mismatched(items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]:
+    n = len(items)
+    return [fit(Encoded(items[i].prompt_ids, items[(i + 1) % n].completion_ids, None, "")) for i in range(n)]
+
+
+def paired_batch(pairs: list[EncodedPair], pad_id: int, build: Builder = pad) -> Batch:
+    """Chosen and rejected in one forward: rows 0..B-1 are chosen, B..2B-1 rejected."""
+    prompts = [p.prompt_ids for p in pairs] * 2
+    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    return Batch(build(prompts, completions, pad_id), [p.location for p in pairs], len(pairs))
 
 
 def step_indices(num_items: int, global_batch: int, seed: int, step: int) -> list[int]:

@@ -2,13 +2,17 @@
 
 - unpaired (thumbs up/down): {prompt, completion, label: bool}
 - paired (comparisons): {prompt, chosen, rejected}; conversational pairs may leave the prompt implicit
-  as the shared opening messages of `chosen` and `rejected`.
+  as the shared opening messages of `chosen` and `rejected`
+- rated (scores, e.g. a mean of several raters): {prompt, completion, rating: number}
+- ranked (InstructGPT-style lists): {prompt, ranking: [best, ..., worst]}
+- completions (demonstrations, for SFT): {prompt, completion}
 Text fields are strings (plain text) or lists of {role, content} messages (conversational).
 """
 
 from __future__ import annotations
 
-import random
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -18,18 +22,25 @@ from prospect.errors import UserError, field_error
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]  # noqa: UP007 (a runtime alias)
 
-UNPAIRED_FIELDS = ("prompt", "completion", "label")
-PAIRED_FIELDS = ("prompt", "chosen", "rejected")
+FORMATS = ("unpaired", "paired", "rated", "ranked", "completions")
+FIELDS = {
+    "unpaired": ("prompt", "completion", "label"),
+    "paired": ("prompt", "chosen", "rejected"),
+    "rated": ("prompt", "completion", "rating"),
+    "ranked": ("prompt", "ranking"),
+    "completions": ("prompt", "completion"),
+}
 
 
 @dataclass
 class Example:
-    """One completion with an optional desirable (True) / undesirable (False) label."""
+    """One completion, with a desirable (True) / undesirable (False) label and/or a rating when known."""
 
     prompt: Text
     completion: Text
     label: bool | None
     location: str
+    rating: float | None = None
 
 
 @dataclass
@@ -40,43 +51,66 @@ class Pair:
     location: str
 
 
+@dataclass
+class Ranking:
+    prompt: Text
+    completions: list[Text]  # best first
+    location: str
+
+
 def detect_format(rows: list[Row], requested: str) -> str:
     if requested != "auto":
         return requested
     keys = set(rows[0].values)
     if {"chosen", "rejected"} <= keys:
         return "paired"
+    if "ranking" in keys:
+        return "ranked"
     if {"completion", "label"} <= keys:
         return "unpaired"
+    if {"completion", "rating"} <= keys:
+        return "rated"
+    if "completion" in keys:
+        return "completions"
+    shapes = "; ".join(f"{{{', '.join(f)}}} ({name})" for name, f in FIELDS.items())
     raise UserError(
-        f"{rows[0].location}: cannot tell the data format from fields {sorted(keys)}; expected "
-        "{prompt, completion, label} (unpaired) or {prompt, chosen, rejected} (paired)"
+        f"{rows[0].location}: cannot tell the data format from fields {sorted(keys)}; expected {shapes}"
     )
 
 
-def parse_unpaired(row: Row) -> Example:
-    values = row.values
+def require(row: Row, kind: str) -> None:
+    for name in FIELDS[kind]:
+        if name not in row.values and not (kind == "paired" and name == "prompt"):
+            raise field_error(row.location, name, f"a value ({kind} rows have {', '.join(FIELDS[kind])})")
+
+
+def parse_example(row: Row, kind: str) -> Example:
+    """An unpaired, rated or completions row."""
     reject_mixed(row, "completion", "chosen")
-    for name in UNPAIRED_FIELDS:
-        if name not in values:
-            raise field_error(
-                row.location, name, "a value (unpaired rows have prompt, completion, label)", None
-            )
-    label = values["label"]
-    if not isinstance(label, bool):
-        raise field_error(row.location, "label", "a boolean (true or false)", label)
+    require(row, kind)
+    values = row.values
+    label, rating = None, None
+    if kind == "unpaired":
+        label = values["label"]
+        if not isinstance(label, bool):
+            raise field_error(row.location, "label", "a boolean (true or false)", label)
+    if kind == "rated":
+        rating = values["rating"]
+        if isinstance(rating, str):
+            with contextlib.suppress(ValueError):
+                rating = float(rating)
+        if not isinstance(rating, (int, float)) or isinstance(rating, bool) or not math.isfinite(rating):
+            raise field_error(row.location, "rating", "a finite number", rating)
     prompt = check_text(row, "prompt", values["prompt"])
     completion = check_text(row, "completion", values["completion"], completion=True)
     prompt, completion = align_kinds(prompt, completion)
-    return Example(prompt, completion, label, row.location)
+    return Example(prompt, completion, label, row.location, None if rating is None else float(rating))
 
 
 def parse_paired(row: Row) -> Pair:
     values = row.values
     reject_mixed(row, "chosen", "completion")
-    for name in ("chosen", "rejected"):
-        if name not in values:
-            raise field_error(row.location, name, "a value (paired rows have prompt, chosen, rejected)", None)
+    require(row, "paired")
     chosen = check_text(row, "chosen", values["chosen"], completion="prompt" in values)
     rejected = check_text(row, "rejected", values["rejected"], completion="prompt" in values)
     if "prompt" in values:
@@ -86,6 +120,19 @@ def parse_paired(row: Row) -> Pair:
     prompt, chosen = align_kinds(prompt, chosen)
     _, rejected = align_kinds(prompt, rejected)
     return Pair(prompt, chosen, rejected, row.location)
+
+
+def parse_ranked(row: Row) -> Ranking:
+    require(row, "ranked")
+    ranking = row.values["ranking"]
+    if not isinstance(ranking, list) or len(ranking) < 2:
+        raise field_error(row.location, "ranking", "a list of at least 2 completions, best first", ranking)
+    prompt = check_text(row, "prompt", row.values["prompt"])
+    completions = []
+    for index, item in enumerate(ranking):
+        prompt, completion = align_kinds(prompt, check_text(row, f"ranking[{index}]", item, completion=True))
+        completions.append(completion)
+    return Ranking(prompt, completions, row.location)
 
 
 def reject_mixed(row: Row, own: str, other: str) -> None:
@@ -127,9 +174,7 @@ def align_kinds(prompt: Text, completion: Text) -> tuple[Text, Text]:
 
 def split_implicit_prompt(row: Row, chosen: Text, rejected: Text) -> tuple[Messages, Messages, Messages]:
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise field_error(
-            row.location, "prompt", "a value (only conversational pairs may leave it implicit)", None
-        )
+        raise field_error(row.location, "prompt", "a value (only conversational pairs may leave it implicit)")
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -138,22 +183,15 @@ def split_implicit_prompt(row: Row, chosen: Text, rejected: Text) -> tuple[Messa
             row.location,
             "prompt",
             "a value, or chosen/rejected sharing their opening messages and differing after",
-            None,
         )
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def pairs_to_unpaired(pairs: list[Pair], seed: int) -> list[Example]:
-    """Each pair gives one desirable and one undesirable example, shuffled so batches mix labels."""
-    examples = []
-    for pair in pairs:
-        examples.append(Example(pair.prompt, pair.chosen, True, pair.location))
-        examples.append(Example(pair.prompt, pair.rejected, False, pair.location))
-    random.Random(seed).shuffle(examples)
-    return examples
-
-
-def parse_rows(rows: list[Row], requested: str) -> tuple[str, list[Example] | list[Pair]]:
+def parse_rows(rows: list[Row], requested: str) -> tuple[str, list]:
+    """(format, parsed rows): Examples for unpaired/rated/completions, Pairs, or Rankings."""
     kind = detect_format(rows, requested)
-    parse = parse_unpaired if kind == "unpaired" else parse_paired
-    return kind, [parse(row) for row in rows]
+    if kind == "paired":
+        return kind, [parse_paired(row) for row in rows]
+    if kind == "ranked":
+        return kind, [parse_ranked(row) for row in rows]
+    return kind, [parse_example(row, kind) for row in rows]

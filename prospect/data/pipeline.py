@@ -6,39 +6,43 @@ import logging
 from dataclasses import dataclass
 
 from prospect.config import DataConfig
-from prospect.data.formats import Example, Pair, pairs_to_unpaired, parse_rows
+from prospect.data.convert import to_completions, to_pairs, to_unpaired
+from prospect.data.formats import Example, Pair, parse_rows
 from prospect.data.sources import read_rows
-from prospect.data.tokenize import Encoded, Encoder
-from prospect.errors import UserError
+from prospect.data.tokenize import Encoded, EncodedPair, Encoder
 
 log = logging.getLogger(__name__)
+CONVERTERS = {"unpaired": to_unpaired, "paired": to_pairs, "completions": to_completions}
 
 
 @dataclass
 class TrainingData:
-    items: list[Encoded]
-    counts: dict[str, int]  # e.g. {"desirable": n_D, "undesirable": n_U}
+    items: list[Encoded] | list[EncodedPair]
+    counts: dict[str, int]  # e.g. {"desirable": n_D, "undesirable": n_U} or {"pairs": n}
     truncated: int
 
 
-def read_examples(cfg: DataConfig, needs: str, seed: int) -> list[Example]:
-    """Read and check every training row (no tokenizer needed, so bad data fails fast)."""
+def read_training(cfg: DataConfig, needs: str, seed: int) -> list[Example] | list[Pair]:
+    """Read, check and convert every training row (no tokenizer needed, so bad data fails fast)."""
     rows = read_rows(cfg.train, cfg.train_split)
     if cfg.limit > 0:
         rows = rows[: cfg.limit]
     kind, parsed = parse_rows(rows, cfg.format)
-    if needs != "unpaired":
-        raise UserError(f"no loss consumes '{needs}' data yet")
-    return pairs_to_unpaired(parsed, seed) if kind == "paired" else parsed  # type: ignore[return-value]
+    return CONVERTERS[needs](kind, parsed, cfg, seed)
 
 
-def label_counts(examples: list[Example]) -> dict[str, int]:
+def count(examples: list[Example] | list[Pair]) -> dict[str, int]:
+    if examples and isinstance(examples[0], Pair):
+        return {"pairs": len(examples)}
     desirable = sum(bool(e.label) for e in examples)
     return {"desirable": desirable, "undesirable": len(examples) - desirable}
 
 
-def encode_examples(examples: list[Example], encoder: Encoder) -> TrainingData:
-    items = [encoder.encode(e.prompt, e.completion, e.label, e.location) for e in examples]
+def encode_all(examples: list[Example] | list[Pair], encoder: Encoder) -> TrainingData:
+    if examples and isinstance(examples[0], Pair):
+        items = [encoder.encode_pair(p.prompt, p.chosen, p.rejected, p.location) for p in examples]
+    else:
+        items = [encoder.encode(e.prompt, e.completion, e.label, e.location) for e in examples]
     truncated = sum(i.truncated for i in items)
     if truncated:
         log.warning(
@@ -47,7 +51,7 @@ def encode_examples(examples: list[Example], encoder: Encoder) -> TrainingData:
             len(items),
             encoder.max_length,
         )
-    return TrainingData(items, label_counts(examples), truncated)
+    return TrainingData(items, count(examples), truncated)
 
 
 def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[list[int]]:
@@ -57,21 +61,10 @@ def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[lis
     prompts: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
     for item in parsed:
-        ids = encoder.prompt_ids(item.prompt, item.location)
+        ids = encoder.prompt_ids(item.prompt, item.location)[-encoder.max_prompt_length :]
         if tuple(ids) not in seen:
             seen.add(tuple(ids))
-            prompts.append(ids[-encoder.max_prompt_length :])
+            prompts.append(ids)
         if len(prompts) == limit:
             break
     return prompts
-
-
-__all__ = [
-    "Example",
-    "Pair",
-    "TrainingData",
-    "encode_examples",
-    "label_counts",
-    "load_eval_prompts",
-    "read_examples",
-]

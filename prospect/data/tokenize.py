@@ -23,6 +23,15 @@ class Encoded:
     truncated: bool = False
 
 
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    location: str
+    truncated: bool = False
+
+
 class Encoder:
     def __init__(
         self,
@@ -30,6 +39,7 @@ class Encoder:
         max_length: int,
         max_prompt_length: int,
         truncation: bool = True,
+        prompt_suffix: dict[bool, list[int]] | None = None,
     ):
         if max_prompt_length >= max_length:
             raise UserError(
@@ -39,13 +49,31 @@ class Encoder:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.truncation = truncation
+        self.prompt_suffix = prompt_suffix  # CSFT: control token ids ending the prompt, by label
 
     def prompt_ids(self, prompt: Text, location: str = "") -> list[int]:
         if isinstance(prompt, list):
             return self.ids(self.render(prompt, location, generation_prompt=True))
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
-    def encode(self, prompt: Text, completion: Text, label: bool | None, location: str) -> Encoded:
+    def encode_pair(self, prompt: Text, chosen: Text, rejected: Text, location: str) -> EncodedPair:
+        """Both sides share one prompt encoding, truncated as the longer side needs."""
+        a = self.encode(prompt, chosen, True, location, fit=False)
+        b = self.encode(prompt, rejected, False, location, fit=False)
+        longer = a if len(a.completion_ids) >= len(b.completion_ids) else b
+        prompt_ids = self.fit(longer).prompt_ids
+        room = self.max_length - len(prompt_ids)
+        return EncodedPair(
+            prompt_ids,
+            a.completion_ids[:room],
+            b.completion_ids[:room],
+            location,
+            truncated=len(prompt_ids) + len(longer.completion_ids) > self.max_length,
+        )
+
+    def encode(
+        self, prompt: Text, completion: Text, label: bool | None, location: str, fit: bool = True
+    ) -> Encoded:
         if isinstance(prompt, list):
             prompt_text = self.render(prompt, location, generation_prompt=True)
             full_text = self.render(prompt + completion, location, generation_prompt=False)
@@ -62,7 +90,10 @@ class Encoder:
             raise UserError(
                 f"{location}: field 'completion': expected text that encodes to at least one token"
             )
-        return self.fit(Encoded(prompt_ids, completion_ids, label, location))
+        if self.prompt_suffix is not None:
+            prompt_ids = prompt_ids + self.prompt_suffix[bool(label)]
+        item = Encoded(prompt_ids, completion_ids, label, location)
+        return self.fit(item) if fit else item
 
     def fit(self, item: Encoded) -> Encoded:
         """Keep prompt + completion within max_length: the prompt's end, then the completion's start."""

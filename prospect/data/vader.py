@@ -28,8 +28,6 @@ CORPUS_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.
 CORPUS_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
 CORPORA = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
 HELD_OUT_PERCENT = 10
-POSITIVE_ABOVE = 0.5
-NEGATIVE_BELOW = -0.5
 
 
 @dataclass
@@ -99,29 +97,29 @@ def clean(text: str) -> str:
 
 
 def review_prompt(text: str) -> str:
-    """Ask for a one-sentence review that opens with the snippet's first words (2-3 of them)."""
+    """Ask for a one-sentence review that opens with the snippet's first two words (one for short ones).
+    Snippets sharing an opening share a prompt, so ratings can also be turned into preference pairs."""
     words = text.split()
-    opening = " ".join(words[: max(1, min(3, len(words) // 2))])
+    opening = " ".join(words[: 2 if len(words) > 3 else 1])
     return f'Write a one-sentence movie review that begins with "{opening}".'
 
 
 @builtin("vader-movies")
 def vader_movies(split: str) -> list[Row]:
-    """Movie-review snippets as KTO data: desirable when the raters' mean is above +0.5, undesirable below
-    -0.5 (snippets in between are left out). Split 'test' is the held-out ~10%; 'all' is both."""
+    """Movie-review snippets rated by people: {prompt, completion, rating (the raters' mean), ratings}.
+    Losses turn them into what they need: labels by threshold (desirable above data.desirable_above=0.5,
+    undesirable below data.undesirable_below=-0.5) or pairs of the same prompt by rating gap.
+    Split 'test' is the held-out ~10%; 'all' is both."""
     if split not in ("train", "test", "all"):
         raise UserError(f"vader-movies: no split '{split}'; it has train, test, all")
     rows = []
     for item in load_ratings("movieReviewSnippets"):
         if split != "all" and item.held_out != (split == "test"):
             continue
-        if NEGATIVE_BELOW <= item.mean <= POSITIVE_ABOVE:
-            continue
         values = {
             "prompt": [{"role": "user", "content": review_prompt(item.text)}],
             "completion": item.text,
-            "label": item.mean > POSITIVE_ABOVE,
-            "rating_mean": item.mean,
+            "rating": item.mean,
             "ratings": item.ratings,
             "id": f"movies-{item.id}",
         }

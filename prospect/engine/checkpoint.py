@@ -71,19 +71,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The trainable parameters only (for LoRA, the adapter), by name."""
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def save_weights(model: torch.nn.Module, path: Path, trainable_only: bool = True) -> None:
+    """Parameters by name: the trainable ones (for LoRA, the adapter), or all of them."""
+    tensors = {
+        n: p.detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+        if p.requires_grad or not trainable_only
+    }
     save_file(tensors, str(path))
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool = True) -> None:
     tensors = load_file(str(path))
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != set(trainable):
-        raise ValueError(f"{path}: checkpoint weights do not match the model's trainable parameters")
+    wanted = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    if set(tensors) != set(wanted):
+        raise ValueError(f"{path}: checkpoint weights do not match the model's parameters")
     with torch.no_grad():
-        for name, param in trainable.items():
+        for name, param in wanted.items():
             param.copy_(tensors[name])
 
 

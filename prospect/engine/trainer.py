@@ -1,7 +1,7 @@
 """The one training loop. A loss declares what it needs; this loop computes it, normalises it over the
-whole optimizer step, and handles devices (accelerate), precision, checkpoints and logging.
+whole optimizer step, and handles devices (accelerate), precision, the reference, checkpoints and logs.
 
-    trainer = Trainer(load_config("recipes/kto_vader.yaml"))
+    trainer = Trainer(load_config("recipes/kto_smollm2_vader.yaml"))
     trainer.train()
 """
 
@@ -18,42 +18,54 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from prospect import __version__
 from prospect.config import Config
-from prospect.data.batching import Batch, Sequences, microbatch_slice, step_indices, unpaired_batch
-from prospect.data.pipeline import encode_examples, label_counts, load_eval_prompts, read_examples
+from prospect.data.batching import (
+    Batch,
+    Sequences,
+    microbatch_slice,
+    mismatched,
+    pack,
+    pad,
+    paired_batch,
+    sequence_key,
+    step_indices,
+    unpaired_batch,
+)
+from prospect.data.pipeline import count, encode_all, load_eval_prompts, read_training
 from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
+from prospect.engine.rundir import RunDir
 from prospect.errors import UserError
-from prospect.evaluation.heldout import HeldOutResult, evaluate
+from prospect.evaluation.heldout import HeldOutResult, evaluate, print_report
 from prospect.evaluation.judges import get_judge
 from prospect.losses.base import LossInputs, get_loss
 from prospect.models.loading import load_model
-from prospect.models.reference import adapter_reference, copy_reference, frozen_copy, resolve_reference_mode
+from prospect.models.reference import (
+    ReferenceCache,
+    adapter_reference,
+    copy_reference,
+    frozen_copy,
+    refresh_copy,
+    resolve_reference_mode,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from prospect.models.scoring import TokenScorer
 
 log = logging.getLogger(__name__)
-RUN_MARKER = "prospect-run.json"
-# Options that may change when a run is resumed.
-RESUMABLE_CHANGES = {
-    ("train", "resume"),
-    ("train", "overwrite"),
-    ("train", "log_every"),
-    ("train", "report_to"),
-}
 
 
 @dataclass
@@ -72,28 +84,21 @@ def bf16_supported(device: torch.device) -> bool:
 
 class Trainer:
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
-        self.cfg = config
+        self.cfg, t = config, config.train
         self.callbacks = callbacks or []
         self.spec = get_loss(config.loss_name)
         self.params = self.spec.make_params(config.loss, f"{config.source}: loss")
-        t = config.train
-        if self.spec.needs_kl_batch and t.batch_size < 2:
-            raise UserError(
-                f"train.batch_size={t.batch_size}: loss '{self.spec.name}' pairs each prompt with another "
-                "example's completion for its KL estimate, so it needs a batch size of at least 2"
-            )
-        for name in ("batch_size", "grad_accum"):
-            if getattr(t, name) < 1:
-                raise UserError(f"train.{name}: expected at least 1, got {getattr(t, name)}")
-        self.run_dir = Path(t.output_dir)
+        self.check_options()
         # With no GPU, multi-process launches (torchrun, accelerate launch) run DDP over gloo on the CPU.
         self.accelerator = Accelerator(
-            log_with=self.trackers(), project_dir=str(self.run_dir), cpu=not torch.accelerator.is_available()
+            log_with=self.trackers(), project_dir=t.output_dir, cpu=not torch.accelerator.is_available()
         )
-        self.check_run_dir()
-        examples = read_examples(config.data, self.spec.data, t.seed)
-        counts = label_counts(examples)
-        self.warnings = self.spec.check_data(self.params, counts) if self.spec.check_data else []
+        self.run = RunDir(config)
+        self.run_dir = self.run.path
+        examples = read_training(config.data, self.spec.data, t.seed)
+        self.warnings: list[str] = []
+        if self.spec.check_data:
+            self.params, self.warnings = self.spec.check_data(self.params, count(examples))
         for warning in self.warnings:
             log.warning(warning)
 
@@ -107,22 +112,28 @@ class Trainer:
         if t.precision == "bf16" and not bf16_supported(self.device):
             log.warning("bf16 requested but %s has no fast bf16 matmuls; it will be slow", self.device)
         model, self.tokenizer = load_model(config.model)
+        self.control_ids = self.add_control_tokens(model)
         self.encoder = Encoder(
-            self.tokenizer, config.data.max_length, config.data.max_prompt_length, config.data.truncation
+            self.tokenizer,
+            config.data.max_length,
+            config.data.max_prompt_length,
+            config.data.truncation,
+            prompt_suffix=self.control_ids,
         )
-        self.data = encode_examples(examples, self.encoder)
-
+        self.data = encode_all(examples, self.encoder)
         self.world = self.accelerator.num_processes
         self.global_batch = t.batch_size * t.grad_accum * self.world
         per_epoch = len(self.data.items) // self.global_batch
         if per_epoch == 0:
             raise UserError(
-                f"{config.data.train}: {len(self.data.items)} training examples, fewer than one global batch "
+                f"{config.data.train}: {len(self.data.items)} training items, fewer than one global batch "
                 f"(batch_size {t.batch_size} x grad_accum {t.grad_accum} x {self.world} processes)"
             )
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
 
-        self.create_run_dir()
+        if self.accelerator.is_main_process:
+            self.run.create()
+        self.accelerator.wait_for_everyone()
         self.model, self.peft_model = self.build_policy(model)
         self.scorer = TokenScorer(self.model, bf16=self.bf16, chunk=t.logprob_chunk)
         trainable = [p for p in self.scorer.parameters() if p.requires_grad]
@@ -134,62 +145,50 @@ class Trainer:
             num_training_steps=self.total_steps,
         )
         self.policy, self.optimizer = self.accelerator.prepare(self.scorer, self.optimizer)
-        self.reference = self.build_reference(model) if self.spec.needs_reference else None
+        self.live_reference = self.build_reference()
+        self.reference_forwards = 0  # sequences the reference model actually ran (0 when fully cached)
+        self.reference = self.counted(self.live_reference) if self.live_reference else None
+        self.cache: ReferenceCache | None = None
         self.step = 0
 
     # ----- set-up -------------------------------------------------------------------------------
+    def check_options(self) -> None:
+        t, m = self.cfg.train, self.cfg.model
+        if self.spec.needs_kl_batch and t.batch_size < 2:
+            raise UserError(
+                f"train.batch_size={t.batch_size}: loss '{self.spec.name}' pairs each prompt with another "
+                "example's completion for its KL estimate, so it needs a batch size of at least 2"
+            )
+        for name in ("batch_size", "grad_accum"):
+            if getattr(t, name) < 1:
+                raise UserError(f"train.{name}: expected at least 1, got {getattr(t, name)}")
+        if t.reference_refresh_every and (m.lora_r > 0 or t.reference_cache):
+            raise UserError(
+                "train.reference_refresh_every needs full fine-tuning with train.reference_cache=false "
+                "(a refreshed reference cannot be the adapter-disabled model or a precomputed cache)"
+            )
+        if t.reference_cache and not self.spec.needs_reference:
+            raise UserError(f"train.reference_cache: loss '{self.spec.name}' uses no reference model")
+        if not 0 < t.reference_refresh_alpha <= 1:
+            raise UserError(
+                f"train.reference_refresh_alpha={t.reference_refresh_alpha}: expected a value in (0, 1]"
+            )
+
     def trackers(self) -> list[str] | None:
         names = [n.strip() for n in self.cfg.train.report_to.split(",") if n.strip() and n.strip() != "none"]
         return names or None
 
-    def check_run_dir(self) -> None:
-        """Never overwrite silently: an existing run needs --resume (continue) or --overwrite (replace)."""
-        t, run = self.cfg.train, self.run_dir
-        if t.resume and t.overwrite:
-            raise UserError("train.resume and train.overwrite contradict each other; choose one")
-        if run.exists() and not run.is_dir():
-            raise UserError(f"{run}: exists and is not a directory; expected a run directory")
-        self.run_exists = run.is_dir() and any(run.iterdir())
-        if self.run_exists and not (t.resume or t.overwrite):
-            raise UserError(
-                f"{run}: run directory exists; pass --resume to continue it or --overwrite to replace it"
-            )
-        if self.run_exists and not (run / RUN_MARKER).is_file():
-            action = "resume" if t.resume else "delete"
-            raise UserError(f"{run}: not a prospect run directory (no {RUN_MARKER}); refusing to {action} it")
-        if self.run_exists and t.resume:
-            self.check_same_config()
-
-    def create_run_dir(self) -> None:
-        """Called once the data and model have loaded, so bad input never touches an existing run."""
-        run, acc = self.run_dir, self.accelerator
-        if self.run_exists and self.cfg.train.resume:
-            return
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if self.run_exists:
-                shutil.rmtree(run)
-            run.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text_atomic(run / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            ckpt.write_text_atomic(
-                run / RUN_MARKER, json.dumps({"prospect": __version__, "created": time.time()})
-            )
-        acc.wait_for_everyone()
-
-    def check_same_config(self) -> None:
-        saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
-        current = self.cfg.to_dict()
-        for section, values in current.items():
-            if section == "eval":
-                continue
-            for key, value in values.items():
-                if (section, key) in RESUMABLE_CHANGES:
-                    continue
-                old = saved.get(section, {}).get(key)
-                if old != value:
-                    raise UserError(
-                        f"{self.run_dir}: cannot resume with {section}.{key}={value!r}; the run used {old!r}"
-                    )
+    def add_control_tokens(self, model: torch.nn.Module) -> dict[bool, list[int]] | None:
+        """CSFT: add <|good|>/<|bad|> as special tokens; they end each prompt according to its label."""
+        if not self.spec.control_tokens:
+            return None
+        good, bad = self.spec.control_tokens
+        self.tokenizer.add_special_tokens({"additional_special_tokens": [good, bad]})
+        model.resize_token_embeddings(len(self.tokenizer))
+        return {
+            True: [self.tokenizer.convert_tokens_to_ids(good)],
+            False: [self.tokenizer.convert_tokens_to_ids(bad)],
+        }
 
     def build_policy(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
         m = self.cfg.model
@@ -200,9 +199,8 @@ class Trainer:
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference_mode = resolve_reference_mode(self.cfg.train.reference, m.lora_r > 0)
-        self.initial_model = (
-            frozen_copy(model) if self.reference_mode == "copy" and self.spec.needs_reference else None
-        )
+        wants_reference = self.spec.needs_reference or self.cfg.eval.num_prompts > 0
+        self.initial_model = frozen_copy(model) if self.reference_mode == "copy" and wants_reference else None
         if m.lora_r <= 0:
             return model, None
         from peft import LoraConfig, get_peft_model
@@ -218,21 +216,102 @@ class Trainer:
         peft_model = get_peft_model(model, lora)
         return peft_model, peft_model
 
-    def build_reference(self, model: torch.nn.Module) -> Callable[[Sequences], torch.Tensor]:
+    def build_reference(self) -> Callable[[Sequences], torch.Tensor] | None:
+        """The live reference: for the loss, and for the held-out KL of any loss."""
         if self.reference_mode == "adapter":
             return adapter_reference(self.policy, self.peft_model)
+        if self.initial_model is None:
+            return None
         self.initial_model.to(self.device)
         return copy_reference(self.initial_model, self.bf16, self.cfg.train.logprob_chunk)
+
+    def counted(self, reference: Callable[[Sequences], torch.Tensor]) -> Callable[[Sequences], torch.Tensor]:
+        def run(seqs: Sequences) -> torch.Tensor:
+            self.reference_forwards += seqs.num_sequences
+            return reference(seqs)
+
+        return run
+
+    # ----- reference cache ----------------------------------------------------------------------
+    def planned_sequences(self) -> Iterator[tuple[bytes, list[int], list[int]]]:
+        """Every sequence the reference will be asked about from this step to the end of the run, on every
+        process, in the run's own batch order (so KTO's mismatched pairs are exactly the ones trained on)."""
+        t = self.cfg.train
+        for step in range(self.step, self.total_steps):
+            indices = step_indices(len(self.data.items), self.global_batch, t.seed, step)
+            for micro in range(t.grad_accum):
+                for rank in range(self.world):
+                    items = [
+                        self.data.items[i]
+                        for i in microbatch_slice(indices, micro, rank, self.world, t.batch_size)
+                    ]
+                    if self.spec.data == "paired":
+                        pairs = [(it.prompt_ids, c) for it in items for c in (it.chosen_ids, it.rejected_ids)]
+                    else:
+                        pairs = [(it.prompt_ids, it.completion_ids) for it in items]
+                        if self.spec.needs_kl_batch:
+                            pairs += [
+                                (m.prompt_ids, m.completion_ids) for m in mismatched(items, self.encoder.fit)
+                            ]
+                    for prompt, completion in pairs:
+                        yield sequence_key(prompt, completion), prompt, completion
+
+    def precompute_reference(self) -> None:
+        """Fill the on-disk cache with every reference log-prob the run needs; then serve from it."""
+        reference_model = self.initial_model if self.initial_model is not None else self.peft_model
+        fingerprint = "-".join(
+            [
+                weights_fingerprint(reference_model)[:16],
+                tokenizer_fingerprint(self.tokenizer)[:8],
+                f"len{self.cfg.data.max_length}p{self.cfg.data.max_prompt_length}",
+                "bf16" if self.bf16 else "fp32",
+            ]
+        )
+        cache = ReferenceCache(fingerprint)
+        missing = cache.missing(self.planned_sequences())
+        acc = self.accelerator
+        mine = missing[acc.process_index :: self.world]
+        if acc.is_main_process:
+            print(
+                f"reference cache {cache.path.name}: {len(cache.table)} cached, {len(missing)} to compute",
+                flush=True,
+            )
+        bar = tqdm(
+            total=len(mine),
+            desc="reference log-probs",
+            disable=not (acc.is_main_process and sys.stderr.isatty()),
+        )
+        before = dict(cache.table)
+        cache.fill(mine, self.reference, self.tokenizer.pad_token_id, self.device, progress=bar.update)
+        bar.close()
+        new = [(k, v) for k, v in cache.table.items() if k not in before]
+        if self.world > 1:
+            new = gather_object(new)
+        cache.table.update(new)
+        if missing and acc.is_main_process:
+            cache.save()
+        acc.wait_for_everyone()
+        self.cache = cache
+        self.reference = cache.lookup
 
     # ----- the loop -----------------------------------------------------------------------------
     def policy_logps(self, seqs: Sequences) -> torch.Tensor:
         """Through the wrapped module, so DDP/FSDP see every forward."""
-        return self.policy(seqs.input_ids, seqs.attention_mask, seqs.completion_mask).sum(-1)
+        return seqs.per_sequence(
+            self.policy(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+        )
 
     def make_batch(self, indices: list[int]) -> Batch:
         items = [self.data.items[i] for i in indices]
+        build = pack if self.cfg.train.padding_free else pad
+        pad_id = self.tokenizer.pad_token_id
+        if self.spec.data == "paired":
+            return paired_batch(items, pad_id, build).to(self.device)
         kl_fit = self.encoder.fit if self.spec.needs_kl_batch else None
-        return unpaired_batch(items, self.tokenizer.pad_token_id, kl_fit).to(self.device)
+        return unpaired_batch(items, pad_id, kl_fit, build).to(self.device)
+
+    def units(self, batch: Batch) -> int:
+        return batch.units if self.spec.normalize == "units" else batch.sequences.completion_tokens
 
     def kl_estimate(self, batch: Batch) -> torch.Tensor:
         """Mean log pi/pi_ref over the mismatched pairs of this microbatch on all processes (no gradient)."""
@@ -247,23 +326,22 @@ class Trainer:
         # No-grad passes first, so the wrapped policy's grad-enabled forward is the last before backward.
         reference = self.reference(seqs) if self.spec.needs_reference else None
         kl = self.kl_estimate(batch) if self.spec.needs_kl_batch else None
-        policy = self.policy_logps(seqs)
         inputs = LossInputs(
-            policy_logps=policy,
-            completion_lengths=seqs.completion_mask.sum(-1).float(),
+            policy_logps=self.policy_logps(seqs),
+            completion_lengths=seqs.completion_lengths(),
             reference_logps=reference,
             labels=batch.labels,
             kl_estimate=kl,
         )
         out = self.spec.compute(inputs, self.params)
-        stats.add_mean("loss", out.losses.detach().sum(), out.losses.numel())
+        stats.add_mean("loss", out.losses.detach().sum(), float(self.units(batch)))
         if kl is not None:
             stats.add_mean("kl", kl, 1.0)
-        for name, (total, count) in out.means.items():
-            stats.add_mean(name, total, count)
+        for name, (total, n) in out.means.items():
+            stats.add_mean(name, total, n)
         for name, value in out.totals.items():
             stats.add_total(name, value)
-        stats.add_total("tokens", seqs.attention_mask.sum())
+        stats.add_total("tokens", float(seqs.tokens))
         return out.losses.sum()
 
     def accumulate_gradients(self) -> tuple[dict[str, float], list[Batch]]:
@@ -277,7 +355,7 @@ class Trainer:
         ]
         # Normalise by the units of the whole step on all processes; DDP averages over processes, hence * world.
         units = self.accelerator.reduce(
-            torch.tensor(float(sum(b.units for b in batches)), device=self.device), "sum"
+            torch.tensor(float(sum(map(self.units, batches))), device=self.device), "sum"
         )
         stats = StepStats()
         for m, batch in enumerate(batches):
@@ -308,14 +386,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
+    def maybe_refresh_reference(self) -> None:
+        every = self.cfg.train.reference_refresh_every
+        if every and self.step % every == 0:
+            policy = self.accelerator.unwrap_model(self.policy).model
+            refresh_copy(self.initial_model, policy, self.cfg.train.reference_refresh_alpha)
+
     def train(self) -> Path:
         t, started = self.cfg.train, time.perf_counter()
-        resumed = self.resume() if t.resume else None
         is_main = self.accelerator.is_main_process
+        resumed = self.resume() if self.run.resuming else None
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
         if self.trackers():
             self.accelerator.init_trackers(self.run_dir.name, config=flatten(self.cfg.to_dict()))
         before = self.evaluate_heldout("before") if self.cfg.eval.num_prompts > 0 else None
+        if t.reference_cache:
+            self.precompute_reference()
         self.print_banner()
         bar = tqdm(
             total=self.total_steps,
@@ -329,13 +415,16 @@ class Trainer:
             step_started = time.perf_counter()
             metrics = self.train_step()
             self.step += 1
-            elapsed = time.perf_counter() - step_started
-            metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
+            self.maybe_refresh_reference()
+            metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - step_started)
             if is_main:
                 metrics_log.write({"step": self.step, **metrics})
                 if self.step % max(1, t.log_every) == 0 or self.step == self.total_steps:
-                    done = self.step - first_step
-                    eta = (time.perf_counter() - loop_started) / done * (self.total_steps - self.step)
+                    eta = (
+                        (time.perf_counter() - loop_started)
+                        / (self.step - first_step)
+                        * (self.total_steps - self.step)
+                    )
                     bar.write(
                         format_line(self.step, self.total_steps, metrics) + f" | eta {eta / 60:.1f} min"
                     )
@@ -350,7 +439,7 @@ class Trainer:
         final = self.save_final_model()
         after = self.evaluate_heldout("after") if self.cfg.eval.num_prompts > 0 else None
         if before and after and is_main:
-            self.report(before, after)
+            print_report(before, after, self.run_dir / "report.json")
         if self.trackers():
             self.accelerator.end_training()
         if is_main:
@@ -360,13 +449,16 @@ class Trainer:
     def print_banner(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        t, counts = self.cfg.train, self.data.counts
+        t = self.cfg.train
         mode = f"LoRA r={self.cfg.model.lora_r}" if self.peft_model is not None else "full fine-tuning"
+        reference = "none"
+        if self.spec.needs_reference:
+            reference = self.reference_mode + (" (cached)" if self.cache else "")
         print(
-            f"prospect {self.spec.name}: {len(self.data.items)} examples {counts}, {self.total_steps} steps of "
-            f"{self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc), {mode}, "
-            f"reference={self.reference_mode if self.spec.needs_reference else 'none'}, "
-            f"precision={'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}, run dir {self.run_dir}",
+            f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} steps "
+            f"of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc), {mode}, "
+            f"reference={reference}, precision={'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
+            f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}",
             flush=True,
         )
 
@@ -378,82 +470,53 @@ class Trainer:
             return HeldOutResult(**json.loads(path.read_text())) if path.is_file() else None
         e = self.cfg.eval
         prompts = load_eval_prompts(self.cfg.data, self.encoder, e.num_prompts)
-        if self.accelerator.is_main_process:
-            print(f"evaluating {when} training on {len(prompts)} held-out prompts ...", flush=True)
+        if self.control_ids:  # CSFT samples with the desirable control token
+            prompts = [p + self.control_ids[True] for p in prompts]
         unwrapped = self.accelerator.unwrap_model(self.policy)
-        reference = self.reference or (lambda seqs: self.policy_logps(seqs))
-        started = time.perf_counter()
+        is_main = self.accelerator.is_main_process
+        if is_main:
+            print(f"evaluating {when} training on {len(prompts)} held-out prompts ...", flush=True)
         result = evaluate(
             unwrapped.model,
             self.tokenizer,
             prompts,
-            lambda s: unwrapped.sequence_logps(s),
-            reference,
+            unwrapped.sequence_logps,
+            self.live_reference,
             get_judge(e.judge),
             e,
             seed=self.cfg.train.seed,
             bf16=self.bf16,
+            verbose=is_main,
+            label=when,
         )
-        if self.accelerator.is_main_process:
+        if is_main:
             ckpt.write_text_atomic(path, json.dumps(result.__dict__, indent=1))
-            judged = (
-                f"judge {result.judge_mean:+.3f} ± {result.judge_stderr:.3f}, "
-                if result.judge_mean is not None
-                else ""
-            )
-            print(
-                f"{when}: {judged}KL {result.kl_mean:.3f} ± {result.kl_stderr:.3f}, "
-                f"{result.length_mean:.1f} tokens ({time.perf_counter() - started:.0f}s)",
-                flush=True,
-            )
-            for sample in result.samples[: e.show]:
-                score = f" [{sample['score']:+.2f}]" if sample["score"] is not None else ""
-                print(f"  -> {sample['completion'].strip()[:160]!r}{score}", flush=True)
         return result
-
-    def report(self, before: HeldOutResult, after: HeldOutResult) -> None:
-        rows = [
-            ("held-out judge score (mean)", before.judge_mean, after.judge_mean),
-            ("positive fraction (> 0.05)", before.positive_fraction, after.positive_fraction),
-            ("KL(policy || reference), nats", before.kl_mean, after.kl_mean),
-            ("completion length, tokens", before.length_mean, after.length_mean),
-        ]
-        print("\n" + f"{'':34}{'before':>10}{'after':>10}")
-        for name, b, a in rows:
-            if b is not None and a is not None:
-                print(f"{name:34}{b:>10.3f}{a:>10.3f}")
-        if before.judge_mean is not None:
-            print(
-                f"change in judge score: {after.judge_mean - before.judge_mean:+.3f} "
-                f"(± {math.hypot(before.judge_stderr, after.judge_stderr):.3f}) at a KL of {after.kl_mean:.3f} nats"
-            )
-        summary = {"before": before.summary(), "after": after.summary()}
-        ckpt.write_text_atomic(self.run_dir / "report.json", json.dumps(summary, indent=1))
 
     # ----- checkpoints --------------------------------------------------------------------------
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    def raw_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
 
     def save_checkpoint(self) -> Path | None:
         root, acc = self.checkpoint_root(), self.accelerator
         tmp = root / f".{ckpt.step_dir_name(self.step)}.tmp"
         if acc.is_main_process:
             tmp = ckpt.temporary_dir(root, self.step)
-            model = acc.unwrap_model(self.policy)
-            ckpt.save_weights(model, tmp / "model.safetensors")
-            ckpt.save_optimizer(
-                self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, tmp
-            )
+            ckpt.save_weights(acc.unwrap_model(self.policy), tmp / "model.safetensors")
+            if self.cfg.train.reference_refresh_every:
+                ckpt.save_weights(self.initial_model, tmp / "reference.safetensors", trainable_only=False)
+            ckpt.save_optimizer(self.raw_optimizer(), tmp)
             ckpt.write_json(tmp / "scheduler.json", self.scheduler.state_dict())
         acc.wait_for_everyone()
         ckpt.save_rng(tmp / f"rng-{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
-            ckpt.write_json(
-                tmp / ckpt.STATE_FILE,
-                {"step": self.step, "total_steps": self.total_steps, "world_size": self.world},
-            )
+            state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.world}
+            ckpt.write_json(tmp / ckpt.STATE_FILE, state)
             final = ckpt.commit(tmp, root, self.step, self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return final
@@ -470,9 +533,9 @@ class Trainer:
                 f"{path}: written by {state['world_size']} processes; resume with the same number"
             )
         ckpt.load_weights(self.accelerator.unwrap_model(self.policy), path / "model.safetensors")
-        ckpt.load_optimizer(
-            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, path
-        )
+        if self.cfg.train.reference_refresh_every:
+            ckpt.load_weights(self.initial_model, path / "reference.safetensors", trainable_only=False)
+        ckpt.load_optimizer(self.raw_optimizer(), path)
         self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         ckpt.load_rng(path / f"rng-{self.accelerator.process_index}.safetensors")
         self.step = step

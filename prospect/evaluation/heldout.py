@@ -3,10 +3,13 @@ estimate KL(pi || pi_ref) on them as the mean of log pi(y|x) - log pi_ref(y|x) o
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,7 +44,10 @@ def evaluate(
     cfg: EvalConfig,
     seed: int,
     bf16: bool,
+    verbose: bool = False,
+    label: str = "",
 ) -> HeldOutResult:
+    started = time.perf_counter()
     completions = sample(
         model,
         tokenizer,
@@ -57,15 +63,13 @@ def evaluate(
     kls: list[float] = []
     with torch.no_grad():
         for start in range(0, len(prompts), cfg.batch_size):
-            idx = range(start, min(start + cfg.batch_size, len(prompts)))
-            keep = [i for i in idx if completions[i]]
-            if not keep:
-                continue
-            seqs = pad([prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id)
-            seqs = seqs.to(next(model.parameters()).device)
-            kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
+            keep = [i for i in range(start, min(start + cfg.batch_size, len(prompts))) if completions[i]]
+            if keep:
+                seqs = pad([prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id)
+                seqs = seqs.to(next(model.parameters()).device)
+                kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
     scores = judge(texts) if judge else None
-    return HeldOutResult(
+    result = HeldOutResult(
         judge_mean=statistics.fmean(scores) if scores else None,
         judge_stderr=stderr(scores) if scores else None,
         positive_fraction=sum(s > 0.05 for s in scores) / len(scores) if scores else None,
@@ -77,6 +81,40 @@ def evaluate(
             for i, (p, t) in enumerate(zip(prompts, texts))
         ],
     )
+    if verbose:
+        judged = f"judge {result.judge_mean:+.3f} ± {result.judge_stderr:.3f}, " if scores else ""
+        print(
+            f"{label}: {judged}KL {result.kl_mean:.3f} ± {result.kl_stderr:.3f}, {result.length_mean:.1f} tokens "
+            f"({time.perf_counter() - started:.0f}s)",
+            flush=True,
+        )
+        for sample_ in result.samples[: cfg.show]:
+            score = f" [{sample_['score']:+.2f}]" if sample_["score"] is not None else ""
+            print(f"  -> {sample_['completion'].strip()[:160]!r}{score}", flush=True)
+    return result
+
+
+def print_report(before: HeldOutResult, after: HeldOutResult, path: Path) -> None:
+    """The before/after table, also written to `path` as JSON."""
+    rows = [
+        ("held-out judge score (mean)", before.judge_mean, after.judge_mean),
+        ("positive fraction (> 0.05)", before.positive_fraction, after.positive_fraction),
+        ("KL(policy || reference), nats", before.kl_mean, after.kl_mean),
+        ("completion length, tokens", before.length_mean, after.length_mean),
+    ]
+    print("\n" + f"{'':34}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        if b is not None and a is not None:
+            print(f"{name:34}{b:>10.3f}{a:>10.3f}")
+    if before.judge_mean is not None:
+        print(
+            f"change in judge score: {after.judge_mean - before.judge_mean:+.3f} "
+            f"(± {math.hypot(before.judge_stderr, after.judge_stderr):.3f}) at a KL of {after.kl_mean:.3f} nats"
+        )
+    summary = {"before": before.summary(), "after": after.summary()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
 
 
 def stderr(values: list[float] | None) -> float:

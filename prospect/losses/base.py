@@ -19,7 +19,8 @@ from prospect.errors import UserError
 
 @dataclass
 class LossInputs:
-    """Shapes are [N] for N sequences of a microbatch."""
+    """Shapes are [N] for N sequences of a microbatch. For paired data the first half of the rows are
+    the chosen completions and the second half the rejected ones (see `chosen_rejected`)."""
 
     policy_logps: torch.Tensor  # summed completion log-probs under the policy (carries the gradient)
     completion_lengths: torch.Tensor  # completion tokens per sequence (float)
@@ -30,7 +31,7 @@ class LossInputs:
 
 @dataclass
 class LossOutput:
-    losses: torch.Tensor  # [U] one loss per unit (example or pair)
+    losses: torch.Tensor  # [U] one loss per unit (example or pair; per sequence, summed over tokens, for SFT)
     means: dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric -> (sum, count), averaged over the step
     totals: dict[str, torch.Tensor]  # metric -> value summed over the step (e.g. counts)
 
@@ -40,10 +41,13 @@ class LossSpec:
     name: str
     compute: Callable[[LossInputs, Any], LossOutput]
     params: type  # dataclass of hyperparameters, each declared with `opt`
-    data: str  # "unpaired" | "paired"
+    data: str  # "unpaired" (labelled completions) | "paired" (chosen, rejected) | "completions"
     needs_reference: bool
     needs_kl_batch: bool = False
-    check_data: Callable[[Any, dict[str, int]], list[str]] | None = None  # -> warnings; raises UserError
+    normalize: str = "units"  # "units": mean over examples or pairs; "tokens": mean over completion tokens
+    # (params, label counts) -> (params, warnings); may adjust params, raises UserError for unusable data
+    check_data: Callable[[Any, dict[str, int]], tuple[Any, list[str]]] | None = None
+    control_tokens: tuple[str, str] | None = None  # CSFT: (desirable, undesirable) tokens ending the prompt
 
     def make_params(self, values: dict[str, Any], where: str) -> Any:
         return build_section(self.params, {k: v for k, v in values.items() if k != "name"}, where)
@@ -65,6 +69,16 @@ def get_loss(name: str) -> LossSpec:
             f"unknown loss '{name}'{suggest(name, LOSSES)}; available: {', '.join(sorted(LOSSES))}"
         )
     return LOSSES[name]
+
+
+def chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+def mean_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values = values.detach()
+    return values.sum(), torch.tensor(float(values.numel()), dtype=values.dtype, device=values.device)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

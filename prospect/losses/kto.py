@@ -8,6 +8,7 @@ an undesirable y loses lambda_U * (1 - sigmoid(beta * (z - r))).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ class KTOParams:
     beta: float = opt(0.1, "Reward scale beta: higher keeps the policy closer to the reference.")
     desirable_weight: float = opt(1.0, "lambda_D, the weight of desirable examples.")
     undesirable_weight: float = opt(1.0, "lambda_U, the weight of undesirable examples.")
+    auto_weights: bool = opt(
+        False,
+        "Set desirable_weight from the label counts so lambda_D * n_D / (lambda_U * n_U) = 1 (the paper's rule).",
+    )
 
 
 def kto_loss(x: LossInputs, p: KTOParams) -> LossOutput:
@@ -50,7 +55,7 @@ def kto_loss(x: LossInputs, p: KTOParams) -> LossOutput:
     )
 
 
-def check_balance(p: KTOParams, counts: dict[str, int]) -> list[str]:
+def check_balance(p: KTOParams, counts: dict[str, int]) -> tuple[KTOParams, list[str]]:
     n_d, n_u = counts.get("desirable", 0), counts.get("undesirable", 0)
     for name, n in (("desirable", n_d), ("undesirable", n_u)):
         if n == 0:
@@ -58,17 +63,23 @@ def check_balance(p: KTOParams, counts: dict[str, int]) -> list[str]:
                 f"KTO needs both desirable and undesirable examples; the training data has no {name} ones "
                 f"({n_d} desirable, {n_u} undesirable)"
             )
+    if p.auto_weights:
+        p = dataclasses.replace(p, desirable_weight=p.undesirable_weight * n_u / n_d)
+        return p, [
+            f"KTO weights from the counts ({n_d} desirable, {n_u} undesirable): "
+            f"desirable_weight={p.desirable_weight:.4g}, undesirable_weight={p.undesirable_weight:.4g}"
+        ]
     ratio = p.desirable_weight * n_d / (p.undesirable_weight * n_u)
     low, high = BALANCE_RANGE
     if low <= ratio <= high:
-        return []
+        return p, []
     target = low if ratio < low else high
     fix_d = target * p.undesirable_weight * n_u / n_d
     fix_u = p.desirable_weight * n_d / (target * n_u)
-    return [
+    return p, [
         f"KTO balance lambda_D*n_D/(lambda_U*n_U) = {p.desirable_weight:g}*{n_d}/({p.undesirable_weight:g}*{n_u}) "
         f"= {ratio:.3f}, outside the paper's [1, 4/3]; set loss.desirable_weight={fix_d:.3g} "
-        f"or loss.undesirable_weight={fix_u:.3g}"
+        f"or loss.undesirable_weight={fix_u:.3g} (or loss.auto_weights=true)"
     ]
 
 

@@ -1,14 +1,27 @@
-"""The reference policy pi_ref of the implied reward beta * log(pi / pi_ref)."""
+"""The reference policy pi_ref of the implied reward beta * log(pi / pi_ref).
+
+Three ways to get log pi_ref(y|x) for a batch of sequences:
+- a frozen copy of the initial policy (optionally refreshed from the policy every N steps, TR-DPO);
+- the LoRA policy with its adapter disabled, so no second copy of the weights is held;
+- a cache filled once in a no-grad pass and stored in safetensors, keyed by each sequence's content
+  (never by position), under a fingerprint of the reference weights, tokenizer, truncation and precision.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prospect.data.batching import Sequences
+from prospect.assets import cache_dir
+from prospect.data.batching import Sequences, pad
 from prospect.errors import UserError
 from prospect.models.scoring import TokenScorer
 
@@ -36,17 +49,113 @@ def copy_reference(reference_model: nn.Module, bf16: bool, chunk: int) -> Refere
 
     @torch.no_grad()
     def logps(seqs: Sequences) -> torch.Tensor:
-        return scorer.sequence_logps(seqs)
+        return seqs.per_sequence(
+            scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+        )
 
     return logps
 
 
 def adapter_reference(policy_scorer: nn.Module, peft_model: nn.Module) -> ReferenceFn:
-    """The policy itself with its LoRA adapter switched off: no second copy of the weights is held."""
+    """The policy itself with its LoRA adapter switched off."""
 
     @torch.no_grad()
     def logps(seqs: Sequences) -> torch.Tensor:
         with peft_model.disable_adapter():
-            return policy_scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask).sum(-1)
+            out = policy_scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+        return seqs.per_sequence(out)
 
     return logps
+
+
+@torch.no_grad()
+def refresh_copy(reference_model: nn.Module, policy_model: nn.Module, alpha: float) -> None:
+    """TR-DPO: pi_ref <- alpha * pi + (1 - alpha) * pi_ref (alpha = 1 copies the policy)."""
+    policy = dict(policy_model.named_parameters())
+    for name, param in reference_model.named_parameters():
+        param.lerp_(policy[name].detach().to(param.dtype), alpha)
+
+
+def weights_fingerprint(model: nn.Module, skip: str = "lora_") -> str:
+    """Hash of the architecture and every weight (LoRA weights excluded: the adapter-disabled reference
+    does not depend on them)."""
+    digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    digest.update(
+        json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode()
+    )
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip in name:
+            continue
+        digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    text += str(getattr(tokenizer, "chat_template", "")) + str(tokenizer.all_special_tokens)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class ReferenceCache:
+    """Reference log-probs by sequence key, in one safetensors file per fingerprint."""
+
+    def __init__(self, fingerprint: str, directory: Path | None = None):
+        self.path = (directory or cache_dir() / "reference") / f"{fingerprint}.safetensors"
+        self.table: dict[bytes, float] = {}
+        if self.path.is_file():
+            tensors = load_file(str(self.path))
+            keys = tensors["keys"].numpy()
+            self.table = {bytes(k): float(v) for k, v in zip(keys, tensors["logps"].tolist())}
+        self.computed = 0  # entries computed by this process, i.e. reference sequences actually run
+
+    def missing(
+        self, items: Iterable[tuple[bytes, list[int], list[int]]]
+    ) -> list[tuple[bytes, list[int], list[int]]]:
+        seen: set[bytes] = set()
+        out = []
+        for key, prompt, completion in items:
+            if key not in self.table and key not in seen:
+                seen.add(key)
+                out.append((key, prompt, completion))
+        return out
+
+    def fill(
+        self,
+        items: list[tuple[bytes, list[int], list[int]]],
+        reference: ReferenceFn,
+        pad_id: int,
+        device: torch.device,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Run the reference on `items`, longest first so batches hold similar lengths."""
+        order = sorted(items, key=lambda it: len(it[1]) + len(it[2]), reverse=True)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            seqs = pad([c[1] for c in chunk], [c[2] for c in chunk], pad_id).to(device)
+            for (key, _, _), value in zip(chunk, reference(seqs).tolist()):
+                self.table[key] = value
+            self.computed += len(chunk)
+            if progress:
+                progress(len(chunk))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self.table)
+        tensors = {
+            "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 16),
+            "logps": torch.tensor([self.table[k] for k in keys], dtype=torch.float32),
+        }
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.path)
+
+    def lookup(self, seqs: Sequences) -> torch.Tensor:
+        try:
+            values = [self.table[k] for k in seqs.keys]
+        except KeyError:
+            raise RuntimeError("reference cache miss: a sequence was not precomputed") from None
+        return torch.tensor(values, dtype=torch.float32, device=seqs.input_ids.device)

@@ -32,21 +32,25 @@ class TokenScorer(nn.Module):
         self.chunk = chunk
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        completion_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Packed rows pass `position_ids` (restarting per sequence) and no attention mask."""
         targets = input_ids[:, 1:]
         target_mask = completion_mask[:, 1:]
         out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
         trunk, head = split_head(self.model)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            inputs.update(position_ids=position_ids, attention_mask=None)
         with self.autocast():
             if head is None:
-                logits = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).logits
+                logits = self.model(**inputs).logits
             else:
-                hidden = trunk(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).last_hidden_state
+                hidden = trunk(**inputs).last_hidden_state
         with torch.autocast(input_ids.device.type, enabled=False):
             if head is None:
                 logps = logits[:, :-1][target_mask].float().log_softmax(-1)
@@ -61,7 +65,9 @@ class TokenScorer(nn.Module):
 
     def sequence_logps(self, seqs: Sequences) -> torch.Tensor:
         """Summed completion log-prob per sequence, [N]."""
-        return self(seqs.input_ids, seqs.attention_mask, seqs.completion_mask).sum(-1)
+        return seqs.per_sequence(
+            self(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+        )
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:

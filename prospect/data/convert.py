@@ -1,0 +1,151 @@
+"""Turn feedback of one shape into the shape a loss needs.
+
+| have \\ need    | unpaired (KTO, CSFT)            | paired (DPO, IPO, SimPO, ...)          | completions (SFT)    |
+|----------------|---------------------------------|----------------------------------------|----------------------|
+| unpaired       | as is                           | desirable x undesirable, same prompt   | desirable ones       |
+| paired         | both sides (or one per prompt)  | as is                                  | chosen ones          |
+| rated          | label by thresholds             | same prompt, rating gap >= min gap     | above the threshold  |
+| ranked         | via its pairs                   | all K-choose-2 pairs                   | the best one         |
+| completions    | (no labels: error)              | (no labels: error)                     | as is                |
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections import defaultdict
+
+from prospect.config import DataConfig
+from prospect.data.formats import Example, Pair, Ranking, Text
+from prospect.errors import UserError
+
+
+def to_unpaired(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    if kind == "unpaired":
+        examples = list(parsed)
+    elif kind == "rated":
+        examples = [labelled(e, cfg) for e in parsed]
+        examples = [e for e in examples if e.label is not None]
+    elif kind in ("paired", "ranked"):
+        examples = unpair(parsed if kind == "paired" else ranked_pairs(parsed), cfg.unpaired_from_pairs, rng)
+        rng.shuffle(examples)  # no blocks of one label, whatever order batches are later drawn in
+    else:
+        raise UserError(
+            f"{cfg.train}: {kind} rows carry no desirable/undesirable signal; this loss needs labels, "
+            "ratings, pairs or rankings"
+        )
+    return subsample(examples, cfg, rng)
+
+
+def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
+    rng = random.Random(seed)
+    if kind == "paired":
+        pairs = list(parsed)
+    elif kind == "ranked":
+        pairs = ranked_pairs(parsed)
+    elif kind in ("rated", "unpaired"):
+        scored = [(e, e.rating if kind == "rated" else float(e.label)) for e in parsed]
+        gap = cfg.pair_min_gap if kind == "rated" else 1.0
+        pairs = pairs_by_gap(scored, gap, cfg.max_pairs_per_prompt, rng)
+    else:
+        raise UserError(
+            f"{cfg.train}: completions rows carry no preference; this loss needs pairs, rankings, "
+            "ratings or labels"
+        )
+    if not pairs:
+        raise UserError(
+            f"{cfg.train}: no preference pairs could be built (pairs need two completions of the same "
+            f"prompt whose ratings differ by at least data.pair_min_gap={cfg.pair_min_gap})"
+        )
+    rng.shuffle(pairs)
+    return pairs
+
+
+def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
+    if kind == "completions":
+        return list(parsed)
+    if kind == "unpaired":
+        return [e for e in parsed if e.label]
+    if kind == "rated":
+        return [e for e in parsed if e.rating > cfg.desirable_above]
+    if kind == "paired":
+        return [Example(p.prompt, p.chosen, True, p.location) for p in parsed]
+    return [Example(r.prompt, r.completions[0], True, r.location) for r in parsed]
+
+
+def labelled(example: Example, cfg: DataConfig) -> Example:
+    if example.rating > cfg.desirable_above:
+        label = True
+    elif example.rating < cfg.undesirable_below:
+        label = False
+    else:
+        label = None
+    return Example(example.prompt, example.completion, label, example.location, example.rating)
+
+
+def unpair(pairs: list[Pair], mode: str, rng: random.Random) -> list[Example]:
+    """'both' sides of each pair; 'one' side picked at random (one completion per prompt, as in the KTO
+    paper's experiment without paired data); or only the 'chosen' / 'rejected' sides."""
+    examples = []
+    for pair in pairs:
+        sides = {"both": (True, False), "chosen": (True,), "rejected": (False,)}.get(mode) or (
+            rng.random() < 0.5,
+        )
+        for desirable in sides:
+            examples.append(
+                Example(pair.prompt, pair.chosen if desirable else pair.rejected, desirable, pair.location)
+            )
+    return examples
+
+
+def subsample(examples: list[Example], cfg: DataConfig, rng: random.Random) -> list[Example]:
+    """Keep `desirable_fraction` of the desirable and `undesirable_fraction` of the undesirable examples."""
+    if cfg.desirable_fraction >= 1 and cfg.undesirable_fraction >= 1:
+        return examples
+    kept = []
+    for label, fraction in ((True, cfg.desirable_fraction), (False, cfg.undesirable_fraction)):
+        group = [e for e in examples if e.label == label]
+        kept += rng.sample(group, round(len(group) * fraction)) if fraction < 1 else group
+    return kept
+
+
+def ranked_pairs(rankings: list[Ranking]) -> list[Pair]:
+    """Every (better, worse) combination of each ranked list: K-choose-2 pairs."""
+    return [
+        Pair(r.prompt, r.completions[i], r.completions[j], f"{r.location} (ranks {i + 1}>{j + 1})")
+        for r in rankings
+        for i, j in itertools.combinations(range(len(r.completions)), 2)
+    ]
+
+
+def pairs_by_gap(
+    scored: list[tuple[Example, float]], min_gap: float, per_prompt: int, rng: random.Random
+) -> list[Pair]:
+    """Pairs of completions of the same prompt whose scores differ by at least `min_gap` (higher wins);
+    at most `per_prompt` of them per prompt (0: all), drawn at random."""
+    groups: dict[str, list[tuple[Example, float]]] = defaultdict(list)
+    for example, score in scored:
+        groups[prompt_key(example.prompt)].append((example, score))
+    pairs = []
+    for members in groups.values():
+        candidates = [
+            (a, b) if sa > sb else (b, a)
+            for (a, sa), (b, sb) in itertools.combinations(members, 2)
+            if abs(sa - sb) >= min_gap and completion_key(a.completion) != completion_key(b.completion)
+        ]
+        if per_prompt and len(candidates) > per_prompt:
+            candidates = rng.sample(candidates, per_prompt)
+        pairs += [
+            Pair(w.prompt, w.completion, lo.completion, f"{w.location} > {lo.location}")
+            for w, lo in candidates
+        ]
+    return pairs
+
+
+def prompt_key(prompt: Text) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+completion_key = prompt_key

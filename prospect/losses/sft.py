@@ -1,0 +1,49 @@
+"""Supervised fine-tuning on completions, and its conditional variant.
+
+SFT is the HALO family's degenerate member: maximise log pi(y|x) of good completions, no reference.
+CSFT (conditional SFT, Korbak et al.; a KTO-paper baseline) learns from both labels by ending the prompt
+with a control token, <|good|> or <|bad|>; sampling with <|good|> asks for the desirable behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of, register
+
+CONTROL_TOKENS = ("<|good|>", "<|bad|>")
+
+
+@dataclass
+class SFTParams:
+    pass
+
+
+def sft_loss(x: LossInputs, p: SFTParams) -> LossOutput:
+    """Negative log-likelihood of each completion, summed over its tokens; the engine divides by the
+    number of completion tokens in the step (token-mean NLL)."""
+    nll = -x.policy_logps
+    return LossOutput(nll, {"nll/sequence": mean_of(nll), "length": mean_of(x.completion_lengths)}, {})
+
+
+register(
+    LossSpec(
+        name="sft",
+        compute=sft_loss,
+        params=SFTParams,
+        data="completions",
+        needs_reference=False,
+        normalize="tokens",
+    )
+)
+register(
+    LossSpec(
+        name="csft",
+        compute=sft_loss,
+        params=SFTParams,
+        data="unpaired",
+        needs_reference=False,
+        normalize="tokens",
+        control_tokens=CONTROL_TOKENS,
+    )
+)

@@ -1,0 +1,171 @@
+"""The reference model: on-disk cache (reuse, invalidation, equality with the live model), TR-DPO refresh,
+and padding-free batches that change nothing but speed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prospect.config import load_config
+from prospect.data.batching import pack, pad, paired_batch, sequence_key, step_indices, unpaired_batch
+from prospect.engine.trainer import Trainer
+from prospect.errors import UserError
+from tests.conftest import paired_rows, tiny_overrides, write_jsonl
+
+
+def make(tiny_model_dir, data, out, **extra) -> Trainer:
+    return Trainer(load_config(None, tiny_overrides(tiny_model_dir, data, out, **extra)))
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", paired_rows(24))
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROSPECT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "reference"
+
+
+@pytest.mark.parametrize(("loss", "data"), [("kto", "kto_file"), ("dpo", "pairs_file")])
+def test_second_run_reuses_the_cache(loss, data, tiny_model_dir, cache_home, tmp_path, request):
+    data = request.getfixturevalue(data)
+    options = {"loss.name": loss, "train.reference_cache": True, "train.max_steps": 5}
+    first = make(tiny_model_dir, data, tmp_path / "a", **options)
+    first.train()
+    assert first.reference_forwards > 0
+    files = list(cache_home.glob("*.safetensors"))
+    assert len(files) == 1
+    second = make(tiny_model_dir, data, tmp_path / "b", **options)
+    second.train()
+    assert second.reference_forwards == 0  # every reference log-prob, KTO's KL pairs included, came from disk
+    straight, cached = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("a", "b"))
+    assert all(torch.equal(straight[k], cached[k]) for k in straight)
+    third = make(tiny_model_dir, data, tmp_path / "c", **options, **{"data.max_length": 40})
+    third.train()
+    assert third.reference_forwards > 0  # a new truncation length is a new fingerprint
+    assert len(list(cache_home.glob("*.safetensors"))) == 2
+
+
+def test_cached_values_equal_the_live_reference(tiny_model_dir, kto_file, cache_home, tmp_path):
+    trainer = make(tiny_model_dir, kto_file, tmp_path / "run", **{"train.reference_cache": True})
+    trainer.precompute_reference()
+    for step in range(trainer.total_steps):
+        indices = step_indices(len(trainer.data.items), trainer.global_batch, trainer.cfg.train.seed, step)
+        batch = trainer.make_batch(indices)
+        for seqs in (batch.sequences, batch.kl_sequences):
+            torch.testing.assert_close(
+                trainer.reference(seqs), trainer.live_reference(seqs), rtol=0, atol=1e-5
+            )
+
+
+def test_cache_follows_content_not_position(tiny_model_dir, kto_file, cache_home, tmp_path):
+    """Another seed reorders the data and the batches; the cache answers by content, so only sequences it
+    has never seen (new mismatched KL pairs) are computed."""
+    options = {"train.reference_cache": True, "train.max_steps": 12}  # one epoch: every target once
+    first = make(tiny_model_dir, kto_file, tmp_path / "a", **options)
+    first.train()
+    known = set(first.cache.table)
+    other = make(tiny_model_dir, kto_file, tmp_path / "b", **options, **{"train.seed": 7})
+    planned = {key for key, _, _ in other.planned_sequences()}
+    targets = {sequence_key(it.prompt_ids, it.completion_ids) for it in other.data.items}
+    assert targets <= known
+    other.precompute_reference()
+    assert other.cache.computed == len(planned - known) > 0
+
+
+def test_cache_needs_a_reference_loss(tiny_model_dir, pairs_file, tmp_path):
+    with pytest.raises(UserError, match="loss 'simpo' uses no reference model"):
+        make(
+            tiny_model_dir,
+            pairs_file,
+            tmp_path / "run",
+            **{"loss.name": "simpo", "train.reference_cache": True},
+        )
+
+
+def test_refresh_copies_the_policy_into_the_reference(tiny_model_dir, pairs_file, tmp_path):
+    trainer = make(
+        tiny_model_dir,
+        pairs_file,
+        tmp_path / "run",
+        **{"loss.name": "dpo", "train.reference_refresh_every": 2, "train.max_steps": 4},
+    )
+    trainer.train()
+    policy = dict(trainer.accelerator.unwrap_model(trainer.policy).model.named_parameters())
+    for name, param in trainer.initial_model.named_parameters():
+        assert torch.equal(param, policy[name]), name
+
+
+def test_soft_refresh_moves_part_way(tiny_model_dir, pairs_file, tmp_path):
+    trainer = make(
+        tiny_model_dir,
+        pairs_file,
+        tmp_path / "run",
+        **{
+            "loss.name": "dpo",
+            "train.reference_refresh_every": 1,
+            "train.reference_refresh_alpha": 0.25,
+            "train.max_steps": 1,
+        },
+    )
+    initial = {n: p.clone() for n, p in trainer.initial_model.named_parameters()}
+    trainer.train()
+    policy = dict(trainer.accelerator.unwrap_model(trainer.policy).model.named_parameters())
+    for name, param in trainer.initial_model.named_parameters():
+        torch.testing.assert_close(param, 0.75 * initial[name] + 0.25 * policy[name].detach())
+
+
+def test_refresh_survives_resume(tiny_model_dir, pairs_file, tmp_path):
+    options = {
+        "loss.name": "dpo",
+        "train.reference_refresh_every": 2,
+        "train.max_steps": 5,
+        "train.save_every": 3,
+    }
+    make(tiny_model_dir, pairs_file, tmp_path / "straight", **options).train()
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, result):
+        if result.step == 4:
+            raise Stop
+
+    broken = Trainer(
+        load_config(None, tiny_overrides(tiny_model_dir, pairs_file, tmp_path / "broken", **options)),
+        callbacks=[stop],
+    )
+    with pytest.raises(Stop):
+        broken.train()
+    make(tiny_model_dir, pairs_file, tmp_path / "broken", **options, **{"train.resume": True}).train()
+    a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("straight", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, kto_file, pairs_file, tmp_path):
+    data = kto_file if loss == "kto" else pairs_file
+    padded = make(tiny_model_dir, data, tmp_path / "pad", **{"loss.name": loss})
+    packed = make(tiny_model_dir, data, tmp_path / "pack", **{"loss.name": loss, "train.padding_free": True})
+    for trainer in (padded, packed):
+        trainer.metrics, _ = trainer.accumulate_gradients()
+    assert packed.metrics["loss"] == pytest.approx(padded.metrics["loss"], abs=1e-6)
+    for a, b in zip(padded.policy.parameters(), packed.policy.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    items = padded.data.items[:6]
+    pad_id = padded.tokenizer.pad_token_id
+    if loss == "dpo":
+        rows = paired_batch(items, pad_id, pad).sequences, paired_batch(items, pad_id, pack).sequences
+    else:
+        rows = (
+            unpaired_batch(items, pad_id, None, pad).sequences,
+            unpaired_batch(items, pad_id, None, pack).sequences,
+        )
+    assert rows[1].input_ids.shape[0] == 1 and rows[1].tokens == rows[0].tokens
+    with torch.no_grad():
+        torch.testing.assert_close(
+            padded.policy_logps(rows[1]), padded.policy_logps(rows[0]), rtol=1e-5, atol=1e-5
+        )
