@@ -26,24 +26,15 @@ def sft_loss(x: LossInputs, p: SFTParams) -> LossOutput:
     return LossOutput(nll, {"nll/sequence": mean_of(nll), "length": mean_of(x.completion_lengths)}, {})
 
 
-register(
-    LossSpec(
-        name="sft",
-        compute=sft_loss,
-        params=SFTParams,
-        data="completions",
-        needs_reference=False,
-        normalize="tokens",
+for name, data, tokens in (("sft", "completions", None), ("csft", "unpaired", CONTROL_TOKENS)):
+    register(
+        LossSpec(
+            name=name,
+            compute=sft_loss,
+            params=SFTParams,
+            data=data,
+            needs_reference=False,
+            normalize="tokens",
+            control_tokens=tokens,
+        )
     )
-)
-register(
-    LossSpec(
-        name="csft",
-        compute=sft_loss,
-        params=SFTParams,
-        data="unpaired",
-        needs_reference=False,
-        normalize="tokens",
-        control_tokens=CONTROL_TOKENS,
-    )
-)
