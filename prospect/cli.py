@@ -26,8 +26,7 @@ def loss_options() -> str:
         needs = ["reference model" if spec.needs_reference else "no reference", f"{spec.data} data"]
         if spec.needs_kl_batch:
             needs.append("KL batch of mismatched pairs")
-        summary = (sys.modules[spec.compute.__module__].__doc__ or name).strip().splitlines()[0]
-        lines.append(f"  {name}: {summary}")
+        lines.append(f"  {name}: {spec.describe()}")
         lines.append(f"      needs: {', '.join(needs)}")
         for f in dataclasses.fields(spec.params):
             lines.append(f"  loss.{f.name} = {f.default!r}")

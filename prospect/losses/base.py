@@ -48,6 +48,10 @@ class LossSpec:
     # (params, label counts) -> (params, warnings); may adjust params, raises UserError for unusable data
     check_data: Callable[[Any, dict[str, int]], tuple[Any, list[str]]] | None = None
     control_tokens: tuple[str, str] | None = None  # CSFT: (desirable, undesirable) tokens ending the prompt
+    summary: str = ""  # one line for --help; defaults to the compute function's docstring
+
+    def describe(self) -> str:
+        return self.summary or " ".join((self.compute.__doc__ or self.name).split())
 
     def make_params(self, values: dict[str, Any], where: str) -> Any:
         return build_section(self.params, {k: v for k, v in values.items() if k != "name"}, where)

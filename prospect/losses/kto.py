@@ -33,6 +33,8 @@ class KTOParams:
 
 
 def kto_loss(x: LossInputs, p: KTOParams) -> LossOutput:
+    """lambda_D (1 - sigmoid(beta (r - z))) if desirable, lambda_U (1 - sigmoid(beta (z - r))) if not, where z is
+    the clamped KL estimate from mismatched pairs (Ethayarajh et al., 2024)."""
     rewards = x.policy_logps - x.reference_logps
     z = x.kl_estimate.clamp(min=0).detach()
     desirable = x.labels

@@ -7,6 +7,7 @@ with a control token, <|good|> or <|bad|>; sampling with <|good|> asks for the d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of, register
@@ -26,15 +27,12 @@ def sft_loss(x: LossInputs, p: SFTParams) -> LossOutput:
     return LossOutput(nll, {"nll/sequence": mean_of(nll), "length": mean_of(x.completion_lengths)}, {})
 
 
-for name, data, tokens in (("sft", "completions", None), ("csft", "unpaired", CONTROL_TOKENS)):
-    register(
-        LossSpec(
-            name=name,
-            compute=sft_loss,
-            params=SFTParams,
-            data=data,
-            needs_reference=False,
-            normalize="tokens",
-            control_tokens=tokens,
-        )
-    )
+CSFT_SUMMARY = (
+    "token-mean NLL of each completion after a <|good|> or <|bad|> control token chosen by its label"
+)
+for name, data, tokens, summary in (
+    ("sft", "completions", None, ""),
+    ("csft", "unpaired", CONTROL_TOKENS, CSFT_SUMMARY),
+):
+    spec = LossSpec(name, sft_loss, SFTParams, data, needs_reference=False, normalize="tokens")
+    register(dataclasses.replace(spec, control_tokens=tokens, summary=summary))
