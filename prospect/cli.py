@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", action="store_true", help="continue the run in the output directory")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override recipe options")
+    score = commands.add_parser("score", help="score {prompt, completion} rows with a trained reward model")
+    score.add_argument(
+        "--model", "-m", required=True, help="reward model directory (a run's final/) or hub name"
+    )
+    score.add_argument(
+        "--data", "-d", required=True, help="rows with prompt and completion (.jsonl/.json/.csv/...)"
+    )
+    score.add_argument("--output", "-o", required=True, help="JSONL file to write: each row plus its score")
+    score.add_argument("--max-length", type=int, default=1024, help="tokens kept per prompt + completion")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    score.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code from the hub"
+    )
     commands.add_parser("options", help="list every option with its default and meaning")
     return parser
 
@@ -72,6 +85,14 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
         print(all_options())
+        return 0
+    if args.command == "score":
+        from prospect.evaluation.rewards import score_file
+
+        n = score_file(
+            args.model, args.data, args.output, args.max_length, args.overwrite, args.trust_remote_code
+        )
+        print(f"scored {n} rows -> {args.output}")
         return 0
     from prospect.config import load_config
 

@@ -153,40 +153,68 @@ def test_microbatches_of_one_process_match_many_processes():
 
 
 def test_ranked_lists_become_all_pairs(tmp_path):
-    rows = [{"prompt": "Rank these.", "ranking": ["best", "good", "fine", "bad"]},
-            {"prompt": "And these.", "ranking": ["yes", "no"]}]
+    rows = [
+        {"prompt": "Rank these.", "ranking": ["best", "good", "fine", "bad"]},
+        {"prompt": "And these.", "ranking": ["yes", "no"]},
+    ]
     path = write_jsonl(tmp_path / "ranked.jsonl", rows)
     pairs = read_training(DataConfig(train=str(path)), "paired", seed=0)
     assert len(pairs) == 6 + 1  # 4 choose 2, plus 2 choose 2
     order = {"best": 0, "good": 1, "fine": 2, "bad": 3, "yes": 0, "no": 1}
     assert all(order[p.chosen] < order[p.rejected] for p in pairs)
     assert {(p.chosen, p.rejected) for p in pairs if p.prompt == "Rank these."} == {
-        ("best", "good"), ("best", "fine"), ("best", "bad"), ("good", "fine"), ("good", "bad"), ("fine", "bad")}
+        ("best", "good"),
+        ("best", "fine"),
+        ("best", "bad"),
+        ("good", "fine"),
+        ("good", "bad"),
+        ("fine", "bad"),
+    }
     unpaired = read_training(DataConfig(train=str(path)), "unpaired", seed=0)
     assert len(unpaired) == 14 and sum(e.label for e in unpaired) == 7
 
 
 def test_ratings_become_labels_or_pairs(tmp_path):
-    rows = [{"prompt": "p", "completion": c, "rating": r} for c, r in
-            (("great", 3.0), ("nice", 1.2), ("meh", 0.1), ("poor", -1.0), ("awful", -3.5))]
-    rows.append({"prompt": "q", "completion": "alone", "rating": "2.5"})  # CSV-style text ratings are numbers too
+    rows = [
+        {"prompt": "p", "completion": c, "rating": r}
+        for c, r in (("great", 3.0), ("nice", 1.2), ("meh", 0.1), ("poor", -1.0), ("awful", -3.5))
+    ]
+    rows.append(
+        {"prompt": "q", "completion": "alone", "rating": "2.5"}
+    )  # CSV-style text ratings are numbers too
     path = write_jsonl(tmp_path / "rated.jsonl", rows)
     labelled = read_training(DataConfig(train=str(path)), "unpaired", seed=0)
     assert sorted((e.completion, e.label) for e in labelled) == [
-        ("alone", True), ("awful", False), ("great", True), ("nice", True), ("poor", False)]
+        ("alone", True),
+        ("awful", False),
+        ("great", True),
+        ("nice", True),
+        ("poor", False),
+    ]
     pairs = read_training(DataConfig(train=str(path), pair_min_gap=2.0), "paired", seed=0)
     assert sorted((p.chosen, p.rejected) for p in pairs) == [
-        ("great", "awful"), ("great", "meh"), ("great", "poor"), ("meh", "awful"), ("nice", "awful"), ("nice", "poor"),
-        ("poor", "awful")]
-    capped = read_training(DataConfig(train=str(path), pair_min_gap=2.0, max_pairs_per_prompt=2), "paired", seed=0)
+        ("great", "awful"),
+        ("great", "meh"),
+        ("great", "poor"),
+        ("meh", "awful"),
+        ("nice", "awful"),
+        ("nice", "poor"),
+        ("poor", "awful"),
+    ]
+    capped = read_training(
+        DataConfig(train=str(path), pair_min_gap=2.0, max_pairs_per_prompt=2), "paired", seed=0
+    )
     assert len(capped) == 2
     demos = read_training(DataConfig(train=str(path)), "completions", seed=0)
     assert sorted(e.completion for e in demos) == ["alone", "great", "nice"]
 
 
 def test_labels_become_pairs_within_a_prompt(tmp_path):
-    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
-            for r in paired_rows(6) for side in ("chosen", "rejected")]
+    rows = [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in paired_rows(6)
+        for side in ("chosen", "rejected")
+    ]
     path = write_jsonl(tmp_path / "labels.jsonl", rows)
     pairs = read_training(DataConfig(train=str(path)), "paired", seed=0)
     labels = {(r["prompt"], r["completion"]): r["label"] for r in rows}
@@ -195,7 +223,12 @@ def test_labels_become_pairs_within_a_prompt(tmp_path):
 
 
 def test_no_pairs_is_a_clear_error(tmp_path):
-    path = write_jsonl(tmp_path / "rated.jsonl", [{"prompt": "p", "completion": "a", "rating": 1.0},
-                                                  {"prompt": "p", "completion": "b", "rating": 0.5}])
+    path = write_jsonl(
+        tmp_path / "rated.jsonl",
+        [
+            {"prompt": "p", "completion": "a", "rating": 1.0},
+            {"prompt": "p", "completion": "b", "rating": 0.5},
+        ],
+    )
     with pytest.raises(UserError, match="no preference pairs could be built"):
         read_training(DataConfig(train=str(path)), "paired", seed=0)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from prospect.data.tokenize import Encoded, EncodedPair
+from prospect.data.tokenize import Encoded, EncodedGroup, EncodedPair
 
 
 @dataclass
@@ -112,14 +113,21 @@ class Batch:
     units: int
     labels: torch.Tensor | None = None
     kl_sequences: Sequences | None = None
+    group_index: torch.Tensor | None = (
+        None  # ranked lists: which list each sequence belongs to (rows best first)
+    )
+    targets: torch.Tensor | None = None  # ratings: regression targets, or scores of ranked completions
 
     def to(self, device: torch.device | str) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(
             self.sequences.to(device),
             self.locations,
             self.units,
-            None if self.labels is None else self.labels.to(device),
-            None if self.kl_sequences is None else self.kl_sequences.to(device),
+            move(self.labels),
+            move(self.kl_sequences),
+            move(self.group_index),
+            move(self.targets),
         )
 
 
@@ -142,6 +150,27 @@ def unpaired_batch(
 def mismatched(items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]:
     n = len(items)
     return [fit(Encoded(items[i].prompt_ids, items[(i + 1) % n].completion_ids, None, "")) for i in range(n)]
+
+
+def group_batch(groups: list[EncodedGroup], pad_id: int, build: Builder = pad) -> Batch:
+    """Ranked lists for reward models: every completion once, grouped, best first within a group."""
+    prompts = [g.prompt_ids for g in groups for _ in g.completions]
+    completions = [c for g in groups for c in g.completions]
+    index = torch.tensor([i for i, g in enumerate(groups) for _ in g.completions])
+    scores = [s for g in groups for s in (g.scores or [math.nan] * len(g.completions))]
+    return Batch(
+        build(prompts, completions, pad_id),
+        [g.location for g in groups],
+        len(groups),
+        group_index=index,
+        targets=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+def rated_batch(items: list[Encoded], pad_id: int, build: Builder = pad) -> Batch:
+    sequences = build([it.prompt_ids for it in items], [it.completion_ids for it in items], pad_id)
+    targets = torch.tensor([it.rating for it in items], dtype=torch.float32)
+    return Batch(sequences, [it.location for it in items], len(items), targets=targets)
 
 
 def paired_batch(pairs: list[EncodedPair], pad_id: int, build: Builder = pad) -> Batch:

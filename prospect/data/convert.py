@@ -63,6 +63,26 @@ def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
     return pairs
 
 
+def to_groups(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Ranking]:
+    """Ranked lists for reward models (best first); pairs are lists of two. Scores carry margins."""
+    if kind == "ranked":
+        return list(parsed)
+    pairs = to_pairs(kind, parsed, cfg, seed)
+    return [
+        Ranking(p.prompt, [p.chosen, p.rejected], p.location, None if p.margin is None else [p.margin, 0.0])
+        for p in pairs
+    ]
+
+
+def to_rated(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
+    """Rated completions for reward regression."""
+    if kind != "rated":
+        raise UserError(
+            f"{cfg.train}: {kind} rows have no ratings; reward regression needs {{prompt, completion, rating}}"
+        )
+    return list(parsed)
+
+
 def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
     if kind == "completions":
         return list(parsed)
@@ -114,7 +134,13 @@ def subsample(examples: list[Example], cfg: DataConfig, rng: random.Random) -> l
 def ranked_pairs(rankings: list[Ranking]) -> list[Pair]:
     """Every (better, worse) combination of each ranked list: K-choose-2 pairs."""
     return [
-        Pair(r.prompt, r.completions[i], r.completions[j], f"{r.location} (ranks {i + 1}>{j + 1})")
+        Pair(
+            r.prompt,
+            r.completions[i],
+            r.completions[j],
+            f"{r.location} (ranks {i + 1}>{j + 1})",
+            None if r.scores is None else r.scores[i] - r.scores[j],
+        )
         for r in rankings
         for i, j in itertools.combinations(range(len(r.completions)), 2)
     ]
@@ -131,15 +157,15 @@ def pairs_by_gap(
     pairs = []
     for members in groups.values():
         candidates = [
-            (a, b) if sa > sb else (b, a)
+            ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
             for (a, sa), (b, sb) in itertools.combinations(members, 2)
             if abs(sa - sb) >= min_gap and completion_key(a.completion) != completion_key(b.completion)
         ]
         if per_prompt and len(candidates) > per_prompt:
             candidates = rng.sample(candidates, per_prompt)
         pairs += [
-            Pair(w.prompt, w.completion, lo.completion, f"{w.location} > {lo.location}")
-            for w, lo in candidates
+            Pair(w.prompt, w.completion, lo.completion, f"{w.location} > {lo.location}", sw - sl)
+            for (w, sw), (lo, sl) in candidates
         ]
     return pairs
 

@@ -12,6 +12,7 @@ Text fields are strings (plain text) or lists of {role, content} messages (conve
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Union
@@ -49,6 +50,7 @@ class Pair:
     chosen: Text
     rejected: Text
     location: str
+    margin: float | None = None  # how much better chosen is (a rating gap, or Llama 2's margin label)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Ranking:
     prompt: Text
     completions: list[Text]  # best first
     location: str
+    scores: list[float] | None = None  # optional ratings of the completions, for margins
 
 
 def detect_format(rows: list[Row], requested: str) -> str:
@@ -95,16 +98,11 @@ def parse_example(row: Row, kind: str) -> Example:
         if not isinstance(label, bool):
             raise field_error(row.location, "label", "a boolean (true or false)", label)
     if kind == "rated":
-        rating = values["rating"]
-        if isinstance(rating, str):
-            with contextlib.suppress(ValueError):
-                rating = float(rating)
-        if not isinstance(rating, (int, float)) or isinstance(rating, bool) or not math.isfinite(rating):
-            raise field_error(row.location, "rating", "a finite number", rating)
+        rating = number(row, "rating", values["rating"])
     prompt = check_text(row, "prompt", values["prompt"])
     completion = check_text(row, "completion", values["completion"], completion=True)
     prompt, completion = align_kinds(prompt, completion)
-    return Example(prompt, completion, label, row.location, None if rating is None else float(rating))
+    return Example(prompt, completion, label, row.location, rating)
 
 
 def parse_paired(row: Row) -> Pair:
@@ -119,7 +117,22 @@ def parse_paired(row: Row) -> Pair:
         prompt, chosen, rejected = split_implicit_prompt(row, chosen, rejected)
     prompt, chosen = align_kinds(prompt, chosen)
     _, rejected = align_kinds(prompt, rejected)
-    return Pair(prompt, chosen, rejected, row.location)
+    margin = None
+    if "margin" in values:
+        margin = number(row, "margin", values["margin"])
+        if margin < 0:
+            raise field_error(row.location, "margin", "a number >= 0 (how much better chosen is)", margin)
+    return Pair(prompt, chosen, rejected, row.location, margin)
+
+
+def number(row: Row, name: str, value: Any) -> float:
+    """A finite number; text that reads as one (CSV cells) counts."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise field_error(row.location, name, "a finite number", value)
+    return float(value)
 
 
 def parse_ranked(row: Row) -> Ranking:
@@ -132,7 +145,19 @@ def parse_ranked(row: Row) -> Ranking:
     for index, item in enumerate(ranking):
         prompt, completion = align_kinds(prompt, check_text(row, f"ranking[{index}]", item, completion=True))
         completions.append(completion)
-    return Ranking(prompt, completions, row.location)
+    scores = None
+    if "scores" in row.values:
+        raw = row.values["scores"]
+        if not isinstance(raw, list) or len(raw) != len(ranking):
+            raise field_error(
+                row.location, "scores", f"a list of {len(ranking)} numbers, one per ranked completion", raw
+            )
+        scores = [number(row, f"scores[{i}]", v) for i, v in enumerate(raw)]
+        if any(a < b for a, b in itertools.pairwise(scores)):
+            raise field_error(
+                row.location, "scores", "scores that do not increase down the ranking (best first)", raw
+            )
+    return Ranking(prompt, completions, row.location, scores)
 
 
 def reject_mixed(row: Row, own: str, other: str) -> None:

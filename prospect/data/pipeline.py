@@ -6,13 +6,19 @@ import logging
 from dataclasses import dataclass
 
 from prospect.config import DataConfig
-from prospect.data.convert import to_completions, to_pairs, to_unpaired
-from prospect.data.formats import Example, Pair, parse_rows
+from prospect.data.convert import to_completions, to_groups, to_pairs, to_rated, to_unpaired
+from prospect.data.formats import Example, Pair, Ranking, parse_rows
 from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoded, EncodedPair, Encoder
 
 log = logging.getLogger(__name__)
-CONVERTERS = {"unpaired": to_unpaired, "paired": to_pairs, "completions": to_completions}
+CONVERTERS = {
+    "unpaired": to_unpaired,
+    "paired": to_pairs,
+    "completions": to_completions,
+    "ranked": to_groups,
+    "rated": to_rated,
+}
 
 
 @dataclass
@@ -31,9 +37,16 @@ def read_training(cfg: DataConfig, needs: str, seed: int) -> list[Example] | lis
     return CONVERTERS[needs](kind, parsed, cfg, seed)
 
 
-def count(examples: list[Example] | list[Pair]) -> dict[str, int]:
+def count(examples: list) -> dict[str, int]:
     if examples and isinstance(examples[0], Pair):
         return {"pairs": len(examples)}
+    if examples and isinstance(examples[0], Ranking):
+        return {
+            "lists": len(examples),
+            "comparisons": sum(len(r.completions) * (len(r.completions) - 1) // 2 for r in examples),
+        }
+    if examples and examples[0].rating is not None and examples[0].label is None:
+        return {"rated": len(examples)}
     desirable = sum(bool(e.label) for e in examples)
     return {"desirable": desirable, "undesirable": len(examples) - desirable}
 
@@ -41,8 +54,12 @@ def count(examples: list[Example] | list[Pair]) -> dict[str, int]:
 def encode_all(examples: list[Example] | list[Pair], encoder: Encoder) -> TrainingData:
     if examples and isinstance(examples[0], Pair):
         items = [encoder.encode_pair(p.prompt, p.chosen, p.rejected, p.location) for p in examples]
+    elif examples and isinstance(examples[0], Ranking):
+        items = [encoder.encode_group(r.prompt, r.completions, r.location, r.scores) for r in examples]
     else:
         items = [encoder.encode(e.prompt, e.completion, e.label, e.location) for e in examples]
+        for item, example in zip(items, examples):
+            item.rating = example.rating
     truncated = sum(i.truncated for i in items)
     if truncated:
         log.warning(

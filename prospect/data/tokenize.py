@@ -21,6 +21,16 @@ class Encoded:
     label: bool | None
     location: str
     truncated: bool = False
+    rating: float | None = None  # regression target for reward models
+
+
+@dataclass
+class EncodedGroup:
+    prompt_ids: list[int]
+    completions: list[list[int]]  # best first
+    location: str
+    scores: list[float] | None = None
+    truncated: bool = False
 
 
 @dataclass
@@ -57,18 +67,20 @@ class Encoder:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def encode_pair(self, prompt: Text, chosen: Text, rejected: Text, location: str) -> EncodedPair:
-        """Both sides share one prompt encoding, truncated as the longer side needs."""
-        a = self.encode(prompt, chosen, True, location, fit=False)
-        b = self.encode(prompt, rejected, False, location, fit=False)
-        longer = a if len(a.completion_ids) >= len(b.completion_ids) else b
-        prompt_ids = self.fit(longer).prompt_ids
+        group = self.encode_group(prompt, [chosen, rejected], location)
+        return EncodedPair(group.prompt_ids, *group.completions, location, group.truncated)
+
+    def encode_group(
+        self, prompt: Text, completions: list[Text], location: str, scores: list[float] | None = None
+    ) -> EncodedGroup:
+        """Completions of one prompt sharing one prompt encoding, truncated as the longest one needs."""
+        items = [self.encode(prompt, c, None, location, fit=False) for c in completions]
+        longest = max(items, key=lambda it: len(it.completion_ids))
+        prompt_ids = self.fit(longest).prompt_ids
         room = self.max_length - len(prompt_ids)
-        return EncodedPair(
-            prompt_ids,
-            a.completion_ids[:room],
-            b.completion_ids[:room],
-            location,
-            truncated=len(prompt_ids) + len(longer.completion_ids) > self.max_length,
+        truncated = len(prompt_ids) + len(longest.completion_ids) > self.max_length
+        return EncodedGroup(
+            prompt_ids, [it.completion_ids[:room] for it in items], location, scores, truncated
         )
 
     def encode(
@@ -109,7 +121,7 @@ class Encoder:
         if len(prompt) > self.max_prompt_length:
             prompt = prompt[-self.max_prompt_length :]
         completion = item.completion_ids[: self.max_length - len(prompt)]
-        return Encoded(prompt, completion, item.label, item.location, truncated=True)
+        return Encoded(prompt, completion, item.label, item.location, True, item.rating)
 
     def render(self, messages: list[dict[str, str]], location: str, generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):

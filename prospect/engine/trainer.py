@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -34,11 +35,13 @@ from prospect.config import Config
 from prospect.data.batching import (
     Batch,
     Sequences,
+    group_batch,
     microbatch_slice,
     mismatched,
     pack,
     pad,
     paired_batch,
+    rated_batch,
     sequence_key,
     step_indices,
     unpaired_batch,
@@ -51,6 +54,7 @@ from prospect.engine.rundir import RunDir
 from prospect.errors import UserError
 from prospect.evaluation.heldout import HeldOutResult, evaluate, print_report
 from prospect.evaluation.judges import get_judge
+from prospect.evaluation.rewards import RewardEval, evaluate_rewards, score_in_batches
 from prospect.losses.base import LossInputs, get_loss
 from prospect.models.loading import load_model
 from prospect.models.reference import (
@@ -63,6 +67,7 @@ from prospect.models.reference import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from prospect.models.reward import ScalarScorer, last_token_positions, load_reward_model
 from prospect.models.scoring import TokenScorer
 
 log = logging.getLogger(__name__)
@@ -111,7 +116,8 @@ class Trainer:
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_supported(self.device))
         if t.precision == "bf16" and not bf16_supported(self.device):
             log.warning("bf16 requested but %s has no fast bf16 matmuls; it will be slow", self.device)
-        model, self.tokenizer = load_model(config.model)
+        self.reward_model = self.spec.model == "reward"
+        model, self.tokenizer = (load_reward_model if self.reward_model else load_model)(config.model)
         self.control_ids = self.add_control_tokens(model)
         self.encoder = Encoder(
             self.tokenizer,
@@ -135,7 +141,11 @@ class Trainer:
             self.run.create()
         self.accelerator.wait_for_everyone()
         self.model, self.peft_model = self.build_policy(model)
-        self.scorer = TokenScorer(self.model, bf16=self.bf16, chunk=t.logprob_chunk)
+        if self.reward_model:
+            base = self.model.get_base_model() if self.peft_model is not None else self.model
+            self.scorer = ScalarScorer(self.model, base.score, bf16=self.bf16)
+        else:
+            self.scorer = TokenScorer(self.model, bf16=self.bf16, chunk=t.logprob_chunk)
         trainable = [p for p in self.scorer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
         self.scheduler = get_scheduler(
@@ -199,7 +209,10 @@ class Trainer:
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference_mode = resolve_reference_mode(self.cfg.train.reference, m.lora_r > 0)
-        wants_reference = self.spec.needs_reference or self.cfg.eval.num_prompts > 0
+        samples = (
+            self.cfg.eval.num_prompts > 0 and self.spec.model == "policy"
+        )  # held-out KL needs a reference
+        wants_reference = self.spec.needs_reference or samples
         self.initial_model = frozen_copy(model) if self.reference_mode == "copy" and wants_reference else None
         if m.lora_r <= 0:
             return model, None
@@ -210,7 +223,7 @@ class Trainer:
             r=m.lora_r,
             lora_alpha=m.lora_alpha,
             lora_dropout=m.lora_dropout,
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if self.spec.model == "reward" else "CAUSAL_LM",
             target_modules=targets if targets == "all-linear" else [s.strip() for s in targets.split(",")],
         )
         peft_model = get_peft_model(model, lora)
@@ -307,6 +320,10 @@ class Trainer:
         pad_id = self.tokenizer.pad_token_id
         if self.spec.data == "paired":
             return paired_batch(items, pad_id, build).to(self.device)
+        if self.spec.data == "ranked":
+            return group_batch(items, pad_id, build).to(self.device)
+        if self.spec.data == "rated":
+            return rated_batch(items, pad_id, build).to(self.device)
         kl_fit = self.encoder.fit if self.spec.needs_kl_batch else None
         return unpaired_batch(items, pad_id, kl_fit, build).to(self.device)
 
@@ -321,22 +338,35 @@ class Trainer:
             total = self.accelerator.reduce(total, reduction="sum")
         return (total[0] / total[1]).detach()
 
+    def reward_scores(self, seqs: Sequences) -> torch.Tensor:
+        """One score per sequence, at its last non-pad token (as transformers' classifiers read it)."""
+        positions = last_token_positions(seqs, self.tokenizer.pad_token_id)
+        return self.policy(seqs.input_ids, seqs.attention_mask, seqs.position_ids).flatten()[positions]
+
     def microbatch_loss(self, batch: Batch, stats: StepStats) -> torch.Tensor:
         seqs = batch.sequences
-        # No-grad passes first, so the wrapped policy's grad-enabled forward is the last before backward.
-        reference = self.reference(seqs) if self.spec.needs_reference else None
-        kl = self.kl_estimate(batch) if self.spec.needs_kl_batch else None
-        inputs = LossInputs(
-            policy_logps=self.policy_logps(seqs),
-            completion_lengths=seqs.completion_lengths(),
-            reference_logps=reference,
-            labels=batch.labels,
-            kl_estimate=kl,
-        )
+        if self.reward_model:
+            inputs = LossInputs(
+                scores=self.reward_scores(seqs),
+                completion_lengths=seqs.completion_lengths(),
+                group_index=batch.group_index,
+                targets=batch.targets,
+            )
+        else:
+            # No-grad passes first, so the wrapped policy's grad-enabled forward is the last before backward.
+            reference = self.reference(seqs) if self.spec.needs_reference else None
+            kl = self.kl_estimate(batch) if self.spec.needs_kl_batch else None
+            inputs = LossInputs(
+                policy_logps=self.policy_logps(seqs),
+                completion_lengths=seqs.completion_lengths(),
+                reference_logps=reference,
+                labels=batch.labels,
+                kl_estimate=kl,
+            )
         out = self.spec.compute(inputs, self.params)
         stats.add_mean("loss", out.losses.detach().sum(), float(self.units(batch)))
-        if kl is not None:
-            stats.add_mean("kl", kl, 1.0)
+        if inputs.kl_estimate is not None:
+            stats.add_mean("kl", inputs.kl_estimate, 1.0)
         for name, (total, n) in out.means.items():
             stats.add_mean(name, total, n)
         for name, value in out.totals.items():
@@ -438,7 +468,7 @@ class Trainer:
         bar.close()
         final = self.save_final_model()
         after = self.evaluate_heldout("after") if self.cfg.eval.num_prompts > 0 else None
-        if before and after and is_main:
+        if before and after and is_main and not self.reward_model:
             print_report(before, after, self.run_dir / "report.json")
         if self.trackers():
             self.accelerator.end_training()
@@ -463,11 +493,50 @@ class Trainer:
         )
 
     # ----- evaluation ---------------------------------------------------------------------------
-    def evaluate_heldout(self, when: str) -> HeldOutResult | None:
-        """Before/after comparison on held-out prompts; saved to eval_<when>.json (reused on resume)."""
+    def evaluate_heldout(self, when: str) -> HeldOutResult | RewardEval | None:
+        """Before/after comparison on held-out data; saved to eval_<when>.json (reused on resume)."""
         path = self.run_dir / f"eval_{when}.json"
-        if when == "before" and self.step > 0:  # resumed: the untrained policy is gone
-            return HeldOutResult(**json.loads(path.read_text())) if path.is_file() else None
+        kind = RewardEval if self.reward_model else HeldOutResult
+        if when == "before" and self.step > 0:  # resumed: the untrained model is gone
+            return kind(**json.loads(path.read_text())) if path.is_file() else None
+        result = self.evaluate_reward_model(when) if self.reward_model else self.evaluate_samples(when)
+        if self.accelerator.is_main_process:
+            ckpt.write_text_atomic(path, json.dumps(result.__dict__, indent=1))
+        return result
+
+    def evaluate_reward_model(self, when: str) -> RewardEval:
+        scorer = self.accelerator.unwrap_model(self.policy)
+        pad_id = self.tokenizer.pad_token_id
+
+        def score(prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+            return score_in_batches(
+                lambda seqs: scorer.sequence_scores(seqs, pad_id), prompts, completions, pad_id, self.device
+            )
+
+        # Bradley-Terry scores have no natural zero: sign accuracy splits at the mean training score.
+        threshold = 0.0
+        if self.spec.data == "ranked":
+            pairs = [(g.prompt_ids, c) for g in self.data.items[:256] for c in g.completions]
+            threshold = statistics.fmean(score([p for p, _ in pairs], [c for _, c in pairs]))
+        result = evaluate_rewards(
+            score,
+            self.encoder,
+            self.cfg.data,
+            get_judge(self.cfg.eval.judge),
+            threshold,
+            self.cfg.eval.num_prompts,
+            self.cfg.train.seed,
+        )
+        if self.accelerator.is_main_process:
+            judge = self.cfg.eval.judge
+            print(f"{when}: {'':24}{'model':>8}{judge if judge != 'none' else '':>8}", flush=True)
+            for name, model_value, judge_value in result.rows():
+                if model_value is not None:
+                    shown = f"{judge_value:>8.3f}" if judge_value is not None else ""
+                    print(f"  {name:28}{model_value:>8.3f}{shown}", flush=True)
+        return result
+
+    def evaluate_samples(self, when: str) -> HeldOutResult:
         e = self.cfg.eval
         prompts = load_eval_prompts(self.cfg.data, self.encoder, e.num_prompts)
         if self.control_ids:  # CSFT samples with the desirable control token
@@ -476,7 +545,7 @@ class Trainer:
         is_main = self.accelerator.is_main_process
         if is_main:
             print(f"evaluating {when} training on {len(prompts)} held-out prompts ...", flush=True)
-        result = evaluate(
+        return evaluate(
             unwrapped.model,
             self.tokenizer,
             prompts,
@@ -489,9 +558,6 @@ class Trainer:
             verbose=is_main,
             label=when,
         )
-        if is_main:
-            ckpt.write_text_atomic(path, json.dumps(result.__dict__, indent=1))
-        return result
 
     # ----- checkpoints --------------------------------------------------------------------------
     def checkpoint_root(self) -> Path:

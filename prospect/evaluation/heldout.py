@@ -16,8 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prospect.config import EvalConfig
 from prospect.data.batching import Sequences, pad
-from prospect.evaluation.generation import sample
 from prospect.evaluation.judges import Judge
+from prospect.models.sampling import HFSampler, SamplingParams
 
 
 @dataclass
@@ -48,17 +48,11 @@ def evaluate(
     label: str = "",
 ) -> HeldOutResult:
     started = time.perf_counter()
-    completions = sample(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        batch_size=cfg.batch_size,
-        seed=seed,
-        bf16=bf16,
+    sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size, bf16=bf16)
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
     )
+    completions = [samples[0].token_ids for samples in sampler.generate(prompts, params)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     kls: list[float] = []
     with torch.no_grad():

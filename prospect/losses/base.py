@@ -22,11 +22,16 @@ class LossInputs:
     """Shapes are [N] for N sequences of a microbatch. For paired data the first half of the rows are
     the chosen completions and the second half the rejected ones (see `chosen_rejected`)."""
 
-    policy_logps: torch.Tensor  # summed completion log-probs under the policy (carries the gradient)
-    completion_lengths: torch.Tensor  # completion tokens per sequence (float)
+    policy_logps: torch.Tensor | None = None  # summed completion log-probs under the policy (with gradient)
+    completion_lengths: torch.Tensor | None = None  # completion tokens per sequence (float)
     reference_logps: torch.Tensor | None = None  # same, under the reference (no gradient)
     labels: torch.Tensor | None = None  # bool: desirable (True) / undesirable (False)
     kl_estimate: torch.Tensor | None = None  # scalar: mean policy/reference log-ratio on mismatched pairs
+    scores: torch.Tensor | None = None  # reward models: one scalar per sequence (with gradient)
+    group_index: torch.Tensor | None = None  # reward models: the ranked list of each sequence, best first
+    targets: torch.Tensor | None = (
+        None  # ratings (regression targets, or ranked completions' scores; NaN: none)
+    )
 
 
 @dataclass
@@ -41,7 +46,7 @@ class LossSpec:
     name: str
     compute: Callable[[LossInputs, Any], LossOutput]
     params: type  # dataclass of hyperparameters, each declared with `opt`
-    data: str  # "unpaired" (labelled completions) | "paired" (chosen, rejected) | "completions"
+    data: str  # "unpaired" | "paired" | "completions" | "ranked" (lists, best first) | "rated"
     needs_reference: bool
     needs_kl_batch: bool = False
     normalize: str = "units"  # "units": mean over examples or pairs; "tokens": mean over completion tokens
@@ -49,6 +54,7 @@ class LossSpec:
     check_data: Callable[[Any, dict[str, int]], tuple[Any, list[str]]] | None = None
     control_tokens: tuple[str, str] | None = None  # CSFT: (desirable, undesirable) tokens ending the prompt
     summary: str = ""  # one line for --help; defaults to the compute function's docstring
+    model: str = "policy"  # "policy": the loss sees log-probs; "reward": a scalar head's scores
 
     def describe(self) -> str:
         return self.summary or " ".join((self.compute.__doc__ or self.name).split())

@@ -21,25 +21,47 @@ from prospect.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The policy in fp32 (master weights) and its tokenizer, with a pad token set."""
-    source, gguf_file = resolve_model_source(cfg)
-    if gguf_file is not None:
-        source = convert_gguf(source, gguf_file)
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    attention = cfg.attn_implementation
-    if attention == "auto":
-        attention = None if torch.cuda.is_available() else "eager"
+def load_model(
+    cfg: ModelConfig, auto_class: type = AutoModelForCausalLM
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in fp32 (master weights) and its tokenizer, with a pad token set."""
+    source = local_source(cfg)
+    tokenizer = load_tokenizer(cfg, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, attn_implementation=attention, **kwargs
+        model = auto_class.from_pretrained(
+            source, dtype=torch.float32, **hub_kwargs(cfg), **attention_kwargs(cfg)
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"model '{cfg.name}': could not load it ({first_line(exc)})") from None
+    return model, tokenizer
+
+
+def local_source(cfg: ModelConfig) -> str:
+    """A directory or hub name that `from_pretrained` takes; GGUF files are converted (once) first."""
+    source, gguf_file = resolve_model_source(cfg)
+    return convert_gguf(source, gguf_file) if gguf_file is not None else source
+
+
+def load_tokenizer(cfg: ModelConfig, source: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(cfg))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{cfg.name}': could not load its tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def attention_kwargs(cfg: ModelConfig) -> dict:
+    """'auto' means eager attention on CPU, where it beats SDPA for short sequences."""
+    attention = cfg.attn_implementation
+    if attention == "auto":
+        attention = None if torch.cuda.is_available() else "eager"
+    return {"attn_implementation": attention}
 
 
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:

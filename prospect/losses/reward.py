@@ -1,0 +1,83 @@
+"""Reward-model losses on scalar scores s(x, y) (the classic RLHF pipeline's second stage).
+
+Comparisons come as ranked lists, best first; a pair is a list of two. A list of K completions gives its
+K-choose-2 comparisons in one batch, each weighted 1/C(K,2) so every prompt counts once (InstructGPT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prospect.config import opt
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of, register
+
+
+@dataclass
+class BTParams:
+    margin_scale: float = opt(
+        0.0,
+        "Llama 2 margin: subtract margin_scale * (score gap or margin label) inside the sigmoid (0: plain BT).",
+    )
+    center: float = opt(0.0, "Reward centering eta: add eta * (s_better + s_worse)^2, keeping scores near 0.")
+
+
+@dataclass
+class MarginParams(BTParams):
+    margin_scale: float = opt(1.0, "m = margin_scale * (rating gap): -log sigmoid(s_c - s_r - m) (Llama 2).")
+
+
+@dataclass
+class RegressionParams:
+    pass
+
+
+def comparisons(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(better, worse) row indices of every pair within a list; rows of a list are stored best first."""
+    n = group_index.numel()
+    better, worse = torch.triu_indices(n, n, offset=1, device=group_index.device)
+    same = group_index[better] == group_index[worse]
+    return better[same], worse[same]
+
+
+def bradley_terry_loss(x: LossInputs, p: BTParams) -> LossOutput:
+    """Per list: the mean over its (better, worse) pairs of -log sigmoid(s_b - s_w - m) + eta (s_b + s_w)^2,
+    with m = margin_scale * (t_b - t_w) when the completions carry scores, else 0."""
+    better, worse = comparisons(x.group_index)
+    s_b, s_w = x.scores[better], x.scores[worse]
+    gap = (x.targets[better] - x.targets[worse]).nan_to_num(0.0) if x.targets is not None else 0.0
+    per_pair = -F.logsigmoid(s_b - s_w - p.margin_scale * gap) + p.center * (s_b + s_w) ** 2
+    groups = int(x.group_index.max()) + 1
+    pair_group = x.group_index[better]
+    counts = torch.zeros(groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
+        0, pair_group, torch.ones_like(per_pair)
+    )
+    losses = torch.zeros(groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
+        0, pair_group, per_pair
+    )
+    metrics = {
+        "accuracy": mean_of((s_b > s_w).float()),
+        "margin": mean_of(s_b - s_w),
+        "score": mean_of(x.scores),
+        "score_sq": mean_of(x.scores**2),
+    }
+    return LossOutput(losses / counts, metrics, {"comparisons": torch.tensor(float(better.numel()))})
+
+
+def regression_loss(x: LossInputs, p: RegressionParams) -> LossOutput:
+    """(s - rating)^2: the score regresses on the (mean) human rating."""
+    error = x.scores - x.targets
+    metrics = {"mse": mean_of(error**2), "score": mean_of(x.scores), "target": mean_of(x.targets)}
+    return LossOutput(error**2, metrics, {})
+
+
+for name, compute, params, data in (
+    ("reward_bt", bradley_terry_loss, BTParams, "ranked"),
+    ("reward_margin", bradley_terry_loss, MarginParams, "ranked"),
+    ("reward_regression", regression_loss, RegressionParams, "rated"),
+):
+    register(
+        LossSpec(name=name, compute=compute, params=params, data=data, needs_reference=False, model="reward")
+    )

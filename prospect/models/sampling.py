@@ -1,0 +1,144 @@
+"""The sampling layer every online method uses: batched generation with left padding and a KV cache,
+temperature / top-p / top-k, several samples per prompt, stopping at EOS or the chat template's
+end-of-turn token, seeded. transformers' `generate` by default; vLLM behind the same interface where it is
+installed (GPU users).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prospect.errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    n: int = 1  # samples per prompt
+    seed: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS and the end-of-turn token
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # the completion, ending with its stop token when it stopped by itself
+    finished: bool  # stopped at a stop token (rather than at max_new_tokens)
+
+
+def stop_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS and the token that ends an assistant turn in the tokenizer's chat template (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...), found by rendering a one-message conversation."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        marker = "prospect-end-of-turn-probe"
+        with contextlib.suppress(Exception):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
+            after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)[
+                "input_ids"
+            ]
+            special = set(tokenizer.all_special_ids)
+            ids += [t for t in after[:2] if t in special][:1]
+    return list(dict.fromkeys(ids))
+
+
+class HFSampler:
+    """transformers' generate, batched with left padding; sampling runs on a forked RNG so it never shifts the
+    training run's random stream."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 32,
+        bf16: bool = False,
+    ):
+        self.model, self.tokenizer, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        """`params.n` samples for each prompt, in prompt order."""
+        stops = list(dict.fromkeys(stop_tokens(self.tokenizer) + params.stop_token_ids))
+        pad_id = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        flat = [p for p in prompts for _ in range(params.n)]
+        samples: list[Sample] = []
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(params.seed)
+            for start in range(0, len(flat), self.batch_size):
+                chunk = flat[start : start + self.batch_size]
+                width = max(len(p) for p in chunk)
+                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, p in enumerate(chunk):
+                    input_ids[i, width - len(p) :] = torch.tensor(p)
+                    attention[i, width - len(p) :] = 1
+                autocast = (
+                    torch.autocast(device.type, dtype=torch.bfloat16)
+                    if self.bf16
+                    else contextlib.nullcontext()
+                )
+                sampling = params.temperature > 0
+                with autocast:
+                    output = self.model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention.to(device),
+                        max_new_tokens=params.max_new_tokens,
+                        do_sample=sampling,
+                        temperature=params.temperature if sampling else None,
+                        top_p=params.top_p if sampling else None,
+                        top_k=params.top_k if sampling else None,
+                        eos_token_id=stops,
+                        pad_token_id=pad_id,
+                    )
+                for row in output[:, width:].tolist():
+                    end = next((i for i, t in enumerate(row) if t in stops), None)
+                    samples.append(Sample(row[: end + 1], True) if end is not None else Sample(row, False))
+        self.model.train(was_training)
+        return [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+
+class VLLMSampler:
+    """The same interface on vLLM, for GPU users who have it installed. It loads the model from a directory
+    (a run's checkpoint), so online loops create one per round after saving the policy."""
+
+    def __init__(self, model_dir: str, tokenizer: PreTrainedTokenizerBase, **engine_args):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UserError(
+                "sampling backend 'vllm' needs vLLM installed (pip install vllm, on a GPU machine)"
+            ) from None
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=model_dir, **engine_args)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        from vllm import SamplingParams as VllmParams
+        from vllm.inputs import TokensPrompt
+
+        stops = list(dict.fromkeys(stop_tokens(self.tokenizer) + params.stop_token_ids))
+        vllm_params = VllmParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            stop_token_ids=stops,
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], vllm_params, use_tqdm=False
+        )
+        return [
+            [Sample(list(c.token_ids), c.finish_reason == "stop") for c in out.outputs] for out in outputs
+        ]
