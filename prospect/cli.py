@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "options:\n" + "\n".join("  " + line for line in all_options().splitlines())
     )
     for name, help_text in (
-        ("train", "train a policy with a recipe"),
+        ("train", "train a policy or reward model with a recipe"),
         ("demo", "KTO on the embedded SmolLM2 and VADER data, with a before/after report"),
+        ("best-of-n", "sample N per prompt, keep the best by reward, fine-tune on them (rejection sampling)"),
     ):
         sub = commands.add_parser(
             name,
@@ -58,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if name == "train":
+        if name != "demo":
             sub.add_argument("--config", "-c", help="YAML recipe (a path, or a name under recipes/)")
+        if name == "best-of-n":
+            sub.add_argument(
+                "--no-train", action="store_true", help="only sample, score and keep; no fine-tuning"
+            )
         sub.add_argument("--output-dir", "-o", help="run directory (same as train.output_dir=...)")
         sub.add_argument("--resume", action="store_true", help="continue the run in the output directory")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -104,9 +109,14 @@ def run(argv: list[str] | None = None) -> int:
     overrides += ["train.resume=true"] * args.resume + ["train.overwrite=true"] * args.overwrite
     config = load_config(DEMO_RECIPE if args.command == "demo" else args.config, overrides)
 
-    from prospect.engine.trainer import Trainer
+    if args.command == "best-of-n":
+        from prospect.online.best_of_n import best_of_n
 
-    Trainer(config).train()
+        best_of_n(config, train=not args.no_train)
+        return 0
+    from prospect.engine.factory import make_trainer
+
+    make_trainer(config).train()
     return 0
 
 

@@ -161,11 +161,37 @@ class EvalConfig:
     show: int = opt(3, "Example generations to print before and after.")
 
 
+@dataclass
+class OnlineConfig:
+    reward_model: str | None = opt(
+        None, "Reward model that scores samples: a directory (a reward run's final/) or hub name."
+    )
+    reward_function: str | None = opt(
+        None, "Python reward instead of a model: 'module:function' called as f(prompt, completion) -> float."
+    )
+    samples_per_prompt: int = opt(1, "Completions sampled per prompt in each rollout.")
+    max_new_tokens: int = opt(48, "Tokens generated per completion.")
+    temperature: float = opt(1.0, "Sampling temperature of rollouts (1.0 samples the policy itself).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold of rollouts.")
+    top_k: int = opt(0, "Top-k cut of rollouts (0: none).")
+    sampler: str = opt(
+        "hf", "Sampling backend: 'hf' (transformers generate) or 'vllm' (GPU, if installed).", ("hf", "vllm")
+    )
+    keep: str = opt(
+        "best",
+        "Best-of-N: keep the best sample of each prompt, or every sample scoring above keep_threshold.",
+        ("best", "threshold"),
+    )
+    keep_threshold: float = opt(0.0, "Best-of-N with keep=threshold: the score a sample must exceed.")
+    prompts: int = opt(0, "Best-of-N and online rounds: prompts sampled (0: every training prompt).")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "online": OnlineConfig,
 }
 
 
@@ -176,6 +202,7 @@ class Config:
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "kto"})
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     source: str = "<defaults>"
 
     @property

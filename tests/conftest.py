@@ -34,11 +34,12 @@ TOPICS = [
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     corpus = [f"Review {t}. It was {g}. It was {b}." for t in TOPICS for g in GOOD for b in BAD] * 3
+    corpus += ["It was good."] * 300  # one whole-word token for the PPO test's reward
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=400,
         special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

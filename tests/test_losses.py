@@ -40,8 +40,22 @@ def margins(beta=1.0):
 
 
 def test_every_registered_loss_is_tested_here():
-    tested = {"kto", "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "slic", "simpo", "orpo", "sft", "csft",
-              "reward_bt", "reward_margin", "reward_regression"}  # the reward losses: tests/test_reward.py
+    tested = {
+        "kto",
+        "dpo",
+        "cdpo",
+        "robust_dpo",
+        "ipo",
+        "hinge",
+        "slic",
+        "simpo",
+        "orpo",
+        "sft",
+        "csft",
+        "reward_bt",
+        "reward_margin",
+        "reward_regression",
+    }  # the reward losses: tests/test_reward.py
     assert set(LOSSES) == tested
 
 

@@ -83,6 +83,17 @@ def to_rated(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Exampl
     return list(parsed)
 
 
+def to_prompts(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
+    """The distinct prompts of any rows, in order, for online methods that sample their own completions."""
+    seen, prompts = set(), []
+    for item in parsed:
+        key = prompt_key(item.prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(Example(item.prompt, "", None, item.location))
+    return prompts
+
+
 def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
     if kind == "completions":
         return list(parsed)

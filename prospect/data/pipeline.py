@@ -6,13 +6,14 @@ import logging
 from dataclasses import dataclass
 
 from prospect.config import DataConfig
-from prospect.data.convert import to_completions, to_groups, to_pairs, to_rated, to_unpaired
+from prospect.data.convert import to_completions, to_groups, to_pairs, to_prompts, to_rated, to_unpaired
 from prospect.data.formats import Example, Pair, Ranking, parse_rows
 from prospect.data.sources import read_rows
-from prospect.data.tokenize import Encoded, EncodedPair, Encoder
+from prospect.data.tokenize import Encoded, EncodedPair, EncodedPrompt, Encoder
 
 log = logging.getLogger(__name__)
 CONVERTERS = {
+    "prompts": to_prompts,
     "unpaired": to_unpaired,
     "paired": to_pairs,
     "completions": to_completions,
@@ -51,7 +52,15 @@ def count(examples: list) -> dict[str, int]:
     return {"desirable": desirable, "undesirable": len(examples) - desirable}
 
 
-def encode_all(examples: list[Example] | list[Pair], encoder: Encoder) -> TrainingData:
+def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> TrainingData:
+    if prompts_only:
+        items = [
+            EncodedPrompt(
+                encoder.prompt_ids(e.prompt, e.location)[-encoder.max_prompt_length :], e.prompt, e.location
+            )
+            for e in examples
+        ]
+        return TrainingData(items, {"prompts": len(items)}, 0)
     if examples and isinstance(examples[0], Pair):
         items = [encoder.encode_pair(p.prompt, p.chosen, p.rejected, p.location) for p in examples]
     elif examples and isinstance(examples[0], Ranking):

@@ -25,6 +25,13 @@ class Encoded:
 
 
 @dataclass
+class EncodedPrompt:
+    prompt_ids: list[int]
+    prompt: Text  # kept for reward functions and models that read text
+    location: str
+
+
+@dataclass
 class EncodedGroup:
     prompt_ids: list[int]
     completions: list[list[int]]  # best first

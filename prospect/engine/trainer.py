@@ -58,9 +58,9 @@ from prospect.evaluation.rewards import RewardEval, evaluate_rewards, score_in_b
 from prospect.losses.base import LossInputs, get_loss
 from prospect.models.loading import load_model
 from prospect.models.reference import (
+    AdapterReference,
+    FrozenReference,
     ReferenceCache,
-    adapter_reference,
-    copy_reference,
     frozen_copy,
     refresh_copy,
     resolve_reference_mode,
@@ -126,7 +126,7 @@ class Trainer:
             config.data.truncation,
             prompt_suffix=self.control_ids,
         )
-        self.data = encode_all(examples, self.encoder)
+        self.data = encode_all(examples, self.encoder, prompts_only=self.spec.data == "prompts")
         self.world = self.accelerator.num_processes
         self.global_batch = t.batch_size * t.grad_accum * self.world
         per_epoch = len(self.data.items) // self.global_batch
@@ -141,18 +141,15 @@ class Trainer:
             self.run.create()
         self.accelerator.wait_for_everyone()
         self.model, self.peft_model = self.build_policy(model)
-        if self.reward_model:
-            base = self.model.get_base_model() if self.peft_model is not None else self.model
-            self.scorer = ScalarScorer(self.model, base.score, bf16=self.bf16)
-        else:
-            self.scorer = TokenScorer(self.model, bf16=self.bf16, chunk=t.logprob_chunk)
+        self.scorer = self.build_scorer()
         trainable = [p for p in self.scorer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+        updates = self.total_steps * self.updates_per_step()
         self.scheduler = get_scheduler(
             t.lr_scheduler,
             self.optimizer,
-            num_warmup_steps=round(t.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
+            num_warmup_steps=round(t.warmup_ratio * updates),
+            num_training_steps=updates,
         )
         self.policy, self.optimizer = self.accelerator.prepare(self.scorer, self.optimizer)
         self.live_reference = self.build_reference()
@@ -229,14 +226,32 @@ class Trainer:
         peft_model = get_peft_model(model, lora)
         return peft_model, peft_model
 
-    def build_reference(self) -> Callable[[Sequences], torch.Tensor] | None:
+    def build_scorer(self) -> torch.nn.Module:
+        """The module accelerate wraps: log-probs of a policy, or scores of a reward model."""
+        if self.reward_model:
+            base = self.model.get_base_model() if self.peft_model is not None else self.model
+            return ScalarScorer(self.model, base.score, bf16=self.bf16)
+        return TokenScorer(self.model, bf16=self.bf16, chunk=self.cfg.train.logprob_chunk)
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates in one engine step (PPO makes several per rollout)."""
+        return 1
+
+    def extra_state(self) -> dict:
+        """Loop state beyond weights, optimizer and RNG that a checkpoint must keep (PPO's KL coefficient)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def build_reference(self) -> FrozenReference | None:
         """The live reference: for the loss, and for the held-out KL of any loss."""
         if self.reference_mode == "adapter":
-            return adapter_reference(self.policy, self.peft_model)
+            return AdapterReference(self.policy_token_logps, self.peft_model)
         if self.initial_model is None:
             return None
         self.initial_model.to(self.device)
-        return copy_reference(self.initial_model, self.bf16, self.cfg.train.logprob_chunk)
+        return FrozenReference(self.initial_model, self.bf16, self.cfg.train.logprob_chunk)
 
     def counted(self, reference: Callable[[Sequences], torch.Tensor]) -> Callable[[Sequences], torch.Tensor]:
         def run(seqs: Sequences) -> torch.Tensor:
@@ -308,11 +323,12 @@ class Trainer:
         self.reference = cache.lookup
 
     # ----- the loop -----------------------------------------------------------------------------
-    def policy_logps(self, seqs: Sequences) -> torch.Tensor:
+    def policy_token_logps(self, seqs: Sequences) -> torch.Tensor:
         """Through the wrapped module, so DDP/FSDP see every forward."""
-        return seqs.per_sequence(
-            self.policy(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
-        )
+        return self.policy(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+
+    def policy_logps(self, seqs: Sequences) -> torch.Tensor:
+        return seqs.per_sequence(self.policy_token_logps(seqs))
 
     def make_batch(self, indices: list[int]) -> Batch:
         items = [self.data.items[i] for i in indices]
@@ -581,7 +597,12 @@ class Trainer:
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
-            state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.world}
+            state = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "world_size": self.world,
+                "extra": self.extra_state(),
+            }
             ckpt.write_json(tmp / ckpt.STATE_FILE, state)
             final = ckpt.commit(tmp, root, self.step, self.cfg.train.keep_last)
         acc.wait_for_everyone()
@@ -604,6 +625,7 @@ class Trainer:
         ckpt.load_optimizer(self.raw_optimizer(), path)
         self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         ckpt.load_rng(path / f"rng-{self.accelerator.process_index}.safetensors")
+        self.load_extra_state(state.get("extra", {}))
         self.step = step
         if self.accelerator.is_main_process:
             print(f"resumed from {path} (step {step} of {self.total_steps})", flush=True)

@@ -18,6 +18,20 @@ from prospect.errors import UserError
 
 
 @dataclass
+class TokenInputs:
+    """Token-level tensors [rows, T-1] for policy-gradient losses, aligned with next-token positions."""
+
+    logps: torch.Tensor  # log pi(a_t | s_t) now (with gradient)
+    old_logps: torch.Tensor  # at rollout time
+    advantages: torch.Tensor
+    values: torch.Tensor  # value estimates now (with gradient)
+    old_values: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor  # action (completion) positions
+    entropy: torch.Tensor | None = None
+
+
+@dataclass
 class LossInputs:
     """Shapes are [N] for N sequences of a microbatch. For paired data the first half of the rows are
     the chosen completions and the second half the rejected ones (see `chosen_rejected`)."""
@@ -29,9 +43,8 @@ class LossInputs:
     kl_estimate: torch.Tensor | None = None  # scalar: mean policy/reference log-ratio on mismatched pairs
     scores: torch.Tensor | None = None  # reward models: one scalar per sequence (with gradient)
     group_index: torch.Tensor | None = None  # reward models: the ranked list of each sequence, best first
-    targets: torch.Tensor | None = (
-        None  # ratings (regression targets, or ranked completions' scores; NaN: none)
-    )
+    targets: torch.Tensor | None = None  # ratings: regression targets or ranked scores (NaN: none)
+    tokens: TokenInputs | None = None  # policy-gradient losses (PPO)
 
 
 @dataclass
@@ -46,7 +59,7 @@ class LossSpec:
     name: str
     compute: Callable[[LossInputs, Any], LossOutput]
     params: type  # dataclass of hyperparameters, each declared with `opt`
-    data: str  # "unpaired" | "paired" | "completions" | "ranked" (lists, best first) | "rated"
+    data: str  # "unpaired" | "paired" | "completions" | "ranked" (lists, best first) | "rated" | "prompts"
     needs_reference: bool
     needs_kl_batch: bool = False
     normalize: str = "units"  # "units": mean over examples or pairs; "tokens": mean over completion tokens
@@ -55,6 +68,7 @@ class LossSpec:
     control_tokens: tuple[str, str] | None = None  # CSFT: (desirable, undesirable) tokens ending the prompt
     summary: str = ""  # one line for --help; defaults to the compute function's docstring
     model: str = "policy"  # "policy": the loss sees log-probs; "reward": a scalar head's scores
+    loop: str = "offline"  # "offline": batches of a dataset; "ppo": rollouts from the policy (online/ppo.py)
 
     def describe(self) -> str:
         return self.summary or " ".join((self.compute.__doc__ or self.name).split())

@@ -44,28 +44,31 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
-def copy_reference(reference_model: nn.Module, bf16: bool, chunk: int) -> ReferenceFn:
-    scorer = TokenScorer(reference_model, bf16=bf16, chunk=chunk)
+class FrozenReference:
+    """log pi_ref from a frozen model through the same TokenScorer code path as the policy."""
+
+    def __init__(self, model: nn.Module, bf16: bool, chunk: int):
+        self.scorer = TokenScorer(model, bf16=bf16, chunk=chunk)
 
     @torch.no_grad()
-    def logps(seqs: Sequences) -> torch.Tensor:
-        return seqs.per_sequence(
-            scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
-        )
+    def token_logps(self, seqs: Sequences) -> torch.Tensor:
+        return self.scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
 
-    return logps
+    def __call__(self, seqs: Sequences) -> torch.Tensor:
+        return seqs.per_sequence(self.token_logps(seqs))
 
 
-def adapter_reference(policy_scorer: nn.Module, peft_model: nn.Module) -> ReferenceFn:
-    """The policy itself with its LoRA adapter switched off."""
+class AdapterReference(FrozenReference):
+    """The policy itself with its LoRA adapter switched off; `policy_token_logps` runs the (wrapped) policy."""
+
+    def __init__(self, policy_token_logps: Callable[[Sequences], torch.Tensor], peft_model: nn.Module):
+        self.policy_token_logps = policy_token_logps
+        self.peft_model = peft_model
 
     @torch.no_grad()
-    def logps(seqs: Sequences) -> torch.Tensor:
-        with peft_model.disable_adapter():
-            out = policy_scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
-        return seqs.per_sequence(out)
-
-    return logps
+    def token_logps(self, seqs: Sequences) -> torch.Tensor:
+        with self.peft_model.disable_adapter():
+            return self.policy_token_logps(seqs)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ Policy and reference go through this same code, so their log-ratio is not roundi
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,13 @@ from prospect.data.batching import Sequences
 
 # Config attributes of models whose logits are not a plain linear projection of the last hidden state.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclass
+class TokenOutputs:
+    logps: torch.Tensor  # [rows, T-1] log-prob of each next token, 0 off completions
+    entropy: torch.Tensor | None  # [rows, T-1] entropy of each next-token distribution, 0 off completions
+    hidden: torch.Tensor | None  # [rows, T, H] the trunk's last hidden states
 
 
 class TokenScorer(nn.Module):
@@ -39,25 +47,50 @@ class TokenScorer(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Packed rows pass `position_ids` (restarting per sequence) and no attention mask."""
+        return self.compute(input_ids, attention_mask, completion_mask, position_ids).logps
+
+    def compute(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        completion_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        entropy: bool = False,
+        hidden: bool = False,
+    ) -> TokenOutputs:
+        """Log-probs, and on request the entropy of each next-token distribution at completion positions and
+        the trunk's hidden states (for a value head sharing the trunk). Call it from inside a wrapped
+        module's forward."""
         targets = input_ids[:, 1:]
         target_mask = completion_mask[:, 1:]
-        out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
         trunk, head = split_head(self.model)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None:
             inputs.update(position_ids=position_ids, attention_mask=None)
         with self.autocast():
             if head is None:
-                logits = self.model(**inputs).logits
+                output = self.model(**inputs, output_hidden_states=hidden)
+                states = output.hidden_states[-1] if hidden else None
             else:
-                hidden = trunk(**inputs).last_hidden_state
+                states = trunk(**inputs).last_hidden_state
         with torch.autocast(input_ids.device.type, enabled=False):
             if head is None:
-                logps = logits[:, :-1][target_mask].float().log_softmax(-1)
+                logps = output.logits[:, :-1][target_mask].float().log_softmax(-1)
                 values = logps.gather(-1, targets[target_mask].unsqueeze(-1)).squeeze(-1)
+                if entropy:
+                    values = torch.stack([values, -(logps.exp() * logps).sum(-1)], -1)
             else:
-                values = linear_logprobs(hidden[:, :-1][target_mask], head, targets[target_mask], self.chunk)
-        return out.masked_scatter(target_mask, values)
+                values = linear_logprobs(
+                    states[:, :-1][target_mask], head, targets[target_mask], self.chunk, entropy
+                )
+
+        def scatter(v: torch.Tensor) -> torch.Tensor:
+            zeros = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+            return zeros.masked_scatter(target_mask, v)
+
+        if entropy:
+            return TokenOutputs(scatter(values[:, 0]), scatter(values[:, 1]), states)
+        return TokenOutputs(scatter(values), None, states)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         device = next(self.model.parameters()).device.type
@@ -85,23 +118,40 @@ def split_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
     return trunk, head
 
 
-def linear_logprobs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log softmax(hidden @ W^T + b)[target] in fp32, chunk by chunk. With gradients, each chunk's logits
-    are recomputed in backward instead of being stored."""
+def linear_logprobs(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int, entropy: bool = False
+) -> torch.Tensor:
+    """log softmax(hidden @ W^T + b)[target] in fp32, chunk by chunk ([M], or [M, 2] with the entropy). With
+    gradients, each chunk's logits are recomputed in backward instead of being stored."""
     pieces = []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk):
-        args = (hidden[start : start + chunk], head.weight, head.bias, targets[start : start + chunk])
+        args = (
+            hidden[start : start + chunk],
+            head.weight,
+            head.bias,
+            targets[start : start + chunk],
+            entropy,
+        )
         pieces.append(
             checkpoint(chunk_logprobs, *args, use_reentrant=False) if needs_grad else chunk_logprobs(*args)
         )
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        return hidden.new_zeros((0, 2) if entropy else 0, dtype=torch.float32)
     return torch.cat(pieces)
 
 
 def chunk_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    entropy: bool = False,
 ) -> torch.Tensor:
     logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not entropy:
+        return logps
+    probs = torch.softmax(logits, dim=-1)
+    return torch.stack([logps, normaliser - (probs * logits).sum(-1)], -1)

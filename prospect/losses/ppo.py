@@ -1,0 +1,121 @@
+"""PPO's per-token objectives (Schulman et al., 2017), as used for RLHF (Ziegler et al.; Ouyang et al.).
+
+Inputs are token-level tensors over completion positions: new and old log-probs, advantages, new and old
+values and returns, and the action mask. Each function returns per-token losses; the caller averages them
+over the action tokens of the whole minibatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prospect.config import opt
+from prospect.errors import UserError
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, register
+
+
+@dataclass
+class PPOParams:
+    clip: float = opt(0.2, "Policy ratio clip epsilon.")
+    value_clip: float = opt(
+        0.2, "Value clip: new values stay within this of the rollout's values (0: no clipping)."
+    )
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
+    gamma: float = opt(1.0, "Discount of GAE.")
+    lam: float = opt(0.95, "lambda of GAE.")
+    kl_coef: float = opt(0.05, "Initial coefficient of the per-token KL penalty to the reference.")
+    kl_estimator: str = opt(
+        "k1",
+        "Per-token KL estimate: k1 = log pi/pi_ref, k3 = (r - 1) - log r with r = pi_ref/pi.",
+        ("k1", "k3"),
+    )
+    kl_target: float = opt(0.0, "Adaptive KL control: target sequence KL in nats (0: fixed coefficient).")
+    kl_horizon: float = opt(10000.0, "Adaptive KL control horizon.")
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
+    minibatches: int = opt(2, "Minibatches per pass (each one optimizer update).")
+    whiten_advantages: bool = opt(
+        True, "Normalise advantages to zero mean and unit variance over the rollout."
+    )
+    critic: str = opt(
+        "separate",
+        "Value model: 'separate' (its own trunk) or 'shared' (a head on the policy's trunk).",
+        ("separate", "shared"),
+    )
+    critic_init: str = opt(
+        "reward",
+        "Separate critic's initial weights: 'reward' (the reward model, as InstructGPT) or 'policy'.",
+        ("reward", "policy"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.minibatches < 1:
+            raise UserError("loss.ppo_epochs and loss.minibatches: expected at least 1")
+
+
+def policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max(-A r, -A clip(r, 1 - eps, 1 + eps)) per token, whether the clipped term was the larger one)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2) per token, whether clipping was the larger one)."""
+    unclipped = (values - returns) ** 2
+    if clip <= 0:
+        return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    clipped = (old_values + torch.clamp(values - old_values, -clip, clip) - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+def kl_penalty(logps: torch.Tensor, reference_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on sampled tokens."""
+    log_ratio = logps - reference_logps
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio  # k3: (r - 1) - log r with r = pi_ref / pi; never negative
+
+
+def ppo_loss(x: LossInputs, p: PPOParams) -> LossOutput:
+    """max(-A r, -A clip(r, 1 +- eps)) + vf_coef * 0.5 max((V - R)^2, (clip(V) - R)^2) - entropy_coef * H per
+    action token, summed per sequence (the engine divides by the action tokens of the minibatch)."""
+    g = x.tokens
+    mask = g.mask.to(g.logps.dtype)
+    pg, pg_clipped = policy_loss(g.logps, g.old_logps, g.advantages, p.clip)
+    vf, vf_clipped = value_loss(g.values, g.old_values, g.returns, p.value_clip)
+    per_token = pg + p.vf_coef * vf
+    if p.entropy_coef:
+        per_token = per_token - p.entropy_coef * g.entropy
+    count = lambda t: ((t * mask).sum().detach(), mask.sum())  # noqa: E731
+    log_ratio = (g.logps - g.old_logps).detach()
+    metrics = {
+        "policy_loss": count(pg),
+        "value_loss": count(vf),
+        "clip_fraction": count(pg_clipped.float()),
+        "value_clip_fraction": count(vf_clipped.float()),
+        "approx_kl": count(0.5 * log_ratio**2),
+    }
+    if g.entropy is not None:
+        metrics["entropy"] = count(g.entropy)
+    return LossOutput((per_token * mask).sum(-1), metrics, {})
+
+
+register(
+    LossSpec(
+        name="ppo",
+        compute=ppo_loss,
+        params=PPOParams,
+        data="prompts",
+        needs_reference=True,
+        normalize="tokens",
+        loop="ppo",
+    )
+)

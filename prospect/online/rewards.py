@@ -1,0 +1,78 @@
+"""Where online methods get rewards: a trained reward model, or any Python function given by import path."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from prospect.config import ModelConfig, OnlineConfig
+from prospect.data.formats import Text
+from prospect.data.tokenize import Encoder
+from prospect.errors import UserError
+from prospect.evaluation.rewards import score_in_batches
+
+RewardFn = Callable[[list[Text], list[str]], list[float]]
+
+
+class ModelReward:
+    """Scores (prompt, completion text) with a reward model, encoding them with its own tokenizer and chat
+    template, so the policy and reward model need not share a tokenizer."""
+
+    def __init__(self, path: str, device: torch.device, bf16: bool, max_length: int = 1024):
+        from prospect.models.reward import ScalarScorer, load_reward_model, score_head
+
+        model, self.tokenizer = load_reward_model(ModelConfig(name=path))
+        model.requires_grad_(False)
+        model.eval().to(device)
+        self.scorer = ScalarScorer(model, score_head(model), bf16=bf16)
+        self.encoder = Encoder(self.tokenizer, max_length, max_length // 2)
+        self.device = device
+
+    def __call__(self, prompts: list[Text], completions: list[str]) -> list[float]:
+        items = [
+            self.encoder.encode(
+                p, c if isinstance(p, str) else [{"role": "assistant", "content": c}], None, ""
+            )
+            for p, c in zip(prompts, completions)
+        ]
+        pad_id = self.tokenizer.pad_token_id
+        return score_in_batches(
+            lambda seqs: self.scorer.sequence_scores(seqs, pad_id),
+            [i.prompt_ids for i in items],
+            [i.completion_ids for i in items],
+            pad_id,
+            self.device,
+        )
+
+
+class FunctionReward:
+    """`module:function`, called as function(prompt, completion) -> float for each sample."""
+
+    def __init__(self, spec: str):
+        module_name, _, name = spec.partition(":")
+        if not module_name or not name:
+            raise UserError(f"online.reward_function={spec!r}: expected 'module:function'")
+        try:
+            self.function = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"online.reward_function={spec!r}: cannot import it ({exc})") from None
+        self.spec = spec
+
+    def __call__(self, prompts: list[Text], completions: list[str]) -> list[float]:
+        values = []
+        for prompt, completion in zip(prompts, completions):
+            value = self.function(prompt, completion)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UserError(f"{self.spec} returned {value!r}; expected a number")
+            values.append(float(value))
+        return values
+
+
+def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn:
+    if bool(cfg.reward_model) == bool(cfg.reward_function):
+        raise UserError("online: set exactly one of online.reward_model and online.reward_function")
+    if cfg.reward_function:
+        return FunctionReward(cfg.reward_function)
+    return ModelReward(cfg.reward_model, device, bf16)
