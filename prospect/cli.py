@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a policy or reward model with a recipe"),
         ("demo", "KTO on the embedded SmolLM2 and VADER data, with a before/after report"),
         ("best-of-n", "sample N per prompt, keep the best by reward, fine-tune on them (rejection sampling)"),
+        (
+            "loop",
+            "online rounds: iterative KTO/DPO, ReST, ReST-EM, Constitutional AI (the recipe's loop section)",
+        ),
     ):
         sub = commands.add_parser(
             name,
@@ -109,6 +113,11 @@ def run(argv: list[str] | None = None) -> int:
     overrides += ["train.resume=true"] * args.resume + ["train.overwrite=true"] * args.overwrite
     config = load_config(DEMO_RECIPE if args.command == "demo" else args.config, overrides)
 
+    if args.command == "loop":
+        from prospect.online.rounds import run_loop
+
+        run_loop(config)
+        return 0
     if args.command == "best-of-n":
         from prospect.online.best_of_n import best_of_n
 

@@ -131,6 +131,11 @@ class TrainConfig:
         "(safetensors, keyed by sequence content); later runs on the same model, tokenizer, truncation and "
         "precision reuse them.",
     )
+    reference_model: str | None = opt(
+        None,
+        "Load the reference from this model instead of copying the initial policy (e.g. the base model when "
+        "training continues from a later checkpoint).",
+    )
     reference_refresh_every: int = opt(
         0, "TR-DPO: copy the policy into the reference every N steps (0: never)."
     )
@@ -147,10 +152,14 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_prompts: int = opt(
-        0, "Held-out prompts to generate from before and after training (0: no evaluation)."
+        0,
+        "Held-out prompts to sample from before and after training (reward models: held-out rows); 0: none.",
     )
     judge: str = opt(
-        "none", "Score generations with: 'vader' (VADER lexicon sentiment) or 'none'.", ("none", "vader")
+        "none",
+        "Score held-out generations with 'vader' (VADER lexicon sentiment), 'reward' (online.reward_model or "
+        "online.reward_function, e.g. an exact-match verifier), or 'none'.",
+        ("none", "vader", "reward"),
     )
     max_new_tokens: int = opt(48, "Tokens generated per prompt.")
     temperature: float = opt(
@@ -159,6 +168,7 @@ class EvalConfig:
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
     batch_size: int = opt(32, "Prompts per generation batch.")
     show: int = opt(3, "Example generations to print before and after.")
+    before: bool = opt(True, "Also evaluate before training (online rounds skip it after the first round).")
 
 
 @dataclass
@@ -186,12 +196,65 @@ class OnlineConfig:
     prompts: int = opt(0, "Best-of-N and online rounds: prompts sampled (0: every training prompt).")
 
 
+@dataclass
+class LoopConfig:
+    kind: str = opt(
+        "iterative",
+        "'iterative': rounds of sample, label, train (online KTO/DPO); 'rest': Grow then Improve steps at rising "
+        "thresholds; 'rest_em': filter by correctness, fine-tune the base model each round; 'constitutional': "
+        "critique and revise against a constitution, fine-tune on the revisions.",
+        ("iterative", "rest", "rest_em", "constitutional"),
+    )
+    rounds: int = opt(2, "Rounds (ReST: Grow steps; ReST-EM: EM iterations).")
+    threshold: str = opt(
+        "fixed",
+        "Binary labels: desirable above a 'fixed' value, or above the 'mean' or 'median' "
+        "score of the prompt's samples.",
+        ("fixed", "mean", "median"),
+    )
+    threshold_value: float = opt(0.5, "The fixed threshold (binary labels), or ReST-EM's correctness cut.")
+    pair_selection: str = opt(
+        "best_worst",
+        "Pairs: 'best_worst', a 'random' pair, or a random pair at least pair_min_gap apart ('min_gap').",
+        ("best_worst", "random", "min_gap"),
+    )
+    pair_min_gap: float = opt(0.0, "Smallest score gap of a pair with pair_selection=min_gap.")
+    improve_thresholds: str = opt(
+        "0.5,0.7,0.9", "ReST: the rising reward thresholds of the Improve steps, comma separated."
+    )
+    reference: str = opt(
+        "previous",
+        "Iterative rounds: the reference is the 'previous' round's policy or the 'base'.",
+        ("previous", "base"),
+    )
+    judge: str = opt(
+        "none",
+        "AI labeller instead of a reward: 'self' (the policy judges), a model path or hub name, "
+        "or 'http' (an OpenAI-compatible endpoint).",
+    )
+    judge_mode: str = opt(
+        "compare",
+        "The judge 'compare's two samples (both orders, averaged) or 'rate's each one.",
+        ("compare", "rate"),
+    )
+    judge_cot: bool = opt(False, "Let the judge reason before its verdict.")
+    judge_url: str | None = opt(
+        None, "HTTP judge: base URL of the OpenAI-compatible API (e.g. https://host/v1)."
+    )
+    judge_model: str | None = opt(None, "HTTP judge: the model name to ask for.")
+    judge_key_env: str = opt(
+        "OPENAI_API_KEY", "HTTP judge: environment variable holding the API key (never logged)."
+    )
+    constitution: str | None = opt(None, "Constitutional AI: a text file of principles, one per line.")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "online": OnlineConfig,
+    "loop": LoopConfig,
 }
 
 
@@ -203,6 +266,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     source: str = "<defaults>"
 
     @property

@@ -31,7 +31,7 @@ def to_unpaired(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Exa
     elif kind in ("paired", "ranked"):
         examples = unpair(parsed if kind == "paired" else ranked_pairs(parsed), cfg.unpaired_from_pairs, rng)
         rng.shuffle(examples)  # no blocks of one label, whatever order batches are later drawn in
-    else:
+    else:  # completions or prompts
         raise UserError(
             f"{cfg.train}: {kind} rows carry no desirable/undesirable signal; this loss needs labels, "
             "ratings, pairs or rankings"
@@ -51,7 +51,7 @@ def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
         pairs = pairs_by_gap(scored, gap, cfg.max_pairs_per_prompt, rng)
     else:
         raise UserError(
-            f"{cfg.train}: completions rows carry no preference; this loss needs pairs, rankings, "
+            f"{cfg.train}: {kind} rows carry no preference; this loss needs pairs, rankings, "
             "ratings or labels"
         )
     if not pairs:
@@ -90,7 +90,9 @@ def to_prompts(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Exam
         key = prompt_key(item.prompt)
         if key not in seen:
             seen.add(key)
-            prompts.append(Example(item.prompt, "", None, item.location))
+            prompts.append(
+                Example(item.prompt, "", None, item.location, fields=getattr(item, "fields", None))
+            )
     return prompts
 
 
@@ -103,7 +105,11 @@ def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[
         return [e for e in parsed if e.rating > cfg.desirable_above]
     if kind == "paired":
         return [Example(p.prompt, p.chosen, True, p.location) for p in parsed]
-    return [Example(r.prompt, r.completions[0], True, r.location) for r in parsed]
+    if kind == "ranked":
+        return [Example(r.prompt, r.completions[0], True, r.location) for r in parsed]
+    raise UserError(
+        f"{cfg.train}: prompts rows have no completions to imitate; SFT needs {{prompt, completion}}"
+    )
 
 
 def labelled(example: Example, cfg: DataConfig) -> Example:

@@ -23,13 +23,14 @@ from prospect.errors import UserError, field_error
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]  # noqa: UP007 (a runtime alias)
 
-FORMATS = ("unpaired", "paired", "rated", "ranked", "completions")
+FORMATS = ("unpaired", "paired", "rated", "ranked", "completions", "prompts")
 FIELDS = {
     "unpaired": ("prompt", "completion", "label"),
     "paired": ("prompt", "chosen", "rejected"),
     "rated": ("prompt", "completion", "rating"),
     "ranked": ("prompt", "ranking"),
     "completions": ("prompt", "completion"),
+    "prompts": ("prompt",),
 }
 
 
@@ -42,6 +43,7 @@ class Example:
     label: bool | None
     location: str
     rating: float | None = None
+    fields: dict | None = None  # the row's other fields (e.g. a reference answer for a verifier)
 
 
 @dataclass
@@ -75,6 +77,8 @@ def detect_format(rows: list[Row], requested: str) -> str:
         return "rated"
     if "completion" in keys:
         return "completions"
+    if "prompt" in keys:
+        return "prompts"
     shapes = "; ".join(f"{{{', '.join(f)}}} ({name})" for name, f in FIELDS.items())
     raise UserError(
         f"{rows[0].location}: cannot tell the data format from fields {sorted(keys)}; expected {shapes}"
@@ -88,7 +92,7 @@ def require(row: Row, kind: str) -> None:
 
 
 def parse_example(row: Row, kind: str) -> Example:
-    """An unpaired, rated or completions row."""
+    """An unpaired, rated, completions or prompts row."""
     reject_mixed(row, "completion", "chosen")
     require(row, kind)
     values = row.values
@@ -100,9 +104,12 @@ def parse_example(row: Row, kind: str) -> Example:
     if kind == "rated":
         rating = number(row, "rating", values["rating"])
     prompt = check_text(row, "prompt", values["prompt"])
+    fields = {k: v for k, v in values.items() if k not in ("prompt", "completion")}
+    if kind == "prompts":
+        return Example(prompt, "", None, row.location, None, fields)
     completion = check_text(row, "completion", values["completion"], completion=True)
     prompt, completion = align_kinds(prompt, completion)
-    return Example(prompt, completion, label, row.location, rating)
+    return Example(prompt, completion, label, row.location, rating, fields)
 
 
 def parse_paired(row: Row) -> Pair:

@@ -56,7 +56,10 @@ def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> 
     if prompts_only:
         items = [
             EncodedPrompt(
-                encoder.prompt_ids(e.prompt, e.location)[-encoder.max_prompt_length :], e.prompt, e.location
+                encoder.prompt_ids(e.prompt, e.location)[-encoder.max_prompt_length :],
+                e.prompt,
+                e.location,
+                e.fields,
             )
             for e in examples
         ]
@@ -80,17 +83,9 @@ def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> 
     return TrainingData(items, count(examples), truncated)
 
 
-def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[list[int]]:
-    """The first `limit` distinct prompts of the held-out split, as token ids ready for generation."""
+def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[EncodedPrompt]:
+    """The first `limit` distinct prompts of the held-out split, ready for generation, with their fields."""
     rows = read_rows(cfg.eval or cfg.train, cfg.eval_split)
-    _, parsed = parse_rows(rows, cfg.format)
-    prompts: list[list[int]] = []
-    seen: set[tuple[int, ...]] = set()
-    for item in parsed:
-        ids = encoder.prompt_ids(item.prompt, item.location)[-encoder.max_prompt_length :]
-        if tuple(ids) not in seen:
-            seen.add(tuple(ids))
-            prompts.append(ids)
-        if len(prompts) == limit:
-            break
-    return prompts
+    kind, parsed = parse_rows(rows, cfg.format)
+    examples = to_prompts(kind, parsed, cfg, 0)[:limit]
+    return encode_all(examples, encoder, prompts_only=True).items

@@ -35,7 +35,7 @@ def builtin(name: str) -> Callable:
 
 def read_rows(spec: str, split: str = "train") -> list[Row]:
     """Rows of a data source: a built-in name, a file, a `datasets` directory or a hub dataset."""
-    import prospect.data.vader  # noqa: F401  (registers the built-in corpora)
+    from prospect.data import tasks, vader  # noqa: F401  (they register the built-in data sets)
 
     if spec in BUILTINS:
         rows = BUILTINS[spec](split)

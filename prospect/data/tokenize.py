@@ -29,6 +29,7 @@ class EncodedPrompt:
     prompt_ids: list[int]
     prompt: Text  # kept for reward functions and models that read text
     location: str
+    fields: dict | None = None  # the row's other fields, for verifiers (e.g. the reference answer)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -176,6 +177,8 @@ class Trainer:
             )
         if t.reference_cache and not self.spec.needs_reference:
             raise UserError(f"train.reference_cache: loss '{self.spec.name}' uses no reference model")
+        if t.reference_model and (m.lora_r > 0 or t.reference == "adapter"):
+            raise UserError("train.reference_model needs train.reference=copy without LoRA")
         if not 0 < t.reference_refresh_alpha <= 1:
             raise UserError(
                 f"train.reference_refresh_alpha={t.reference_refresh_alpha}: expected a value in (0, 1]"
@@ -210,7 +213,11 @@ class Trainer:
             self.cfg.eval.num_prompts > 0 and self.spec.model == "policy"
         )  # held-out KL needs a reference
         wants_reference = self.spec.needs_reference or samples
-        self.initial_model = frozen_copy(model) if self.reference_mode == "copy" and wants_reference else None
+        self.initial_model = None
+        if self.reference_mode == "copy" and wants_reference:
+            source = self.cfg.train.reference_model
+            other = load_model(dataclasses.replace(m, name=source))[0] if source else model
+            self.initial_model = frozen_copy(other)
         if m.lora_r <= 0:
             return model, None
         from peft import LoraConfig, get_peft_model
@@ -445,7 +452,11 @@ class Trainer:
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
         if self.trackers():
             self.accelerator.init_trackers(self.run_dir.name, config=flatten(self.cfg.to_dict()))
-        before = self.evaluate_heldout("before") if self.cfg.eval.num_prompts > 0 else None
+        before = (
+            self.evaluate_heldout("before")
+            if self.cfg.eval.num_prompts > 0 and self.cfg.eval.before
+            else None
+        )
         if t.reference_cache:
             self.precompute_reference()
         self.print_banner()
@@ -556,7 +567,9 @@ class Trainer:
         e = self.cfg.eval
         prompts = load_eval_prompts(self.cfg.data, self.encoder, e.num_prompts)
         if self.control_ids:  # CSFT samples with the desirable control token
-            prompts = [p + self.control_ids[True] for p in prompts]
+            prompts = [
+                dataclasses.replace(p, prompt_ids=p.prompt_ids + self.control_ids[True]) for p in prompts
+            ]
         unwrapped = self.accelerator.unwrap_model(self.policy)
         is_main = self.accelerator.is_main_process
         if is_main:
@@ -567,7 +580,7 @@ class Trainer:
             prompts,
             unwrapped.sequence_logps,
             self.live_reference,
-            get_judge(e.judge),
+            get_judge(e.judge, self.cfg.online, self.device, self.bf16),
             e,
             seed=self.cfg.train.seed,
             bf16=self.bf16,

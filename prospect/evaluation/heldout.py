@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prospect.config import EvalConfig
 from prospect.data.batching import Sequences, pad
+from prospect.data.tokenize import EncodedPrompt
 from prospect.evaluation.judges import Judge
 from prospect.models.sampling import HFSampler, SamplingParams
 
@@ -37,7 +38,7 @@ class HeldOutResult:
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
+    items: list[EncodedPrompt],
     policy_logps: Callable[[Sequences], torch.Tensor],
     reference_logps: Callable[[Sequences], torch.Tensor],
     judge: Judge | None,
@@ -48,6 +49,7 @@ def evaluate(
     label: str = "",
 ) -> HeldOutResult:
     started = time.perf_counter()
+    prompts = [it.prompt_ids for it in items]
     sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size, bf16=bf16)
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
@@ -62,7 +64,7 @@ def evaluate(
                 seqs = pad([prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id)
                 seqs = seqs.to(next(model.parameters()).device)
                 kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
-    scores = judge(texts) if judge else None
+    scores = judge(texts, items) if judge else None
     result = HeldOutResult(
         judge_mean=statistics.fmean(scores) if scores else None,
         judge_stderr=stderr(scores) if scores else None,

@@ -86,7 +86,7 @@ def evaluate_rewards(
         result.pair_accuracy, result.comparisons = pair_accuracy(encoded, scores)
         if judge:
             texts = [text_of(c) for g in groups for c in g.completions]
-            result.judge["pair_accuracy"] = pair_accuracy(encoded, judge(texts))[0]
+            result.judge["pair_accuracy"] = pair_accuracy(encoded, judge(texts, None))[0]
     if kind == "rated":
         examples: list[Example] = parsed
         items = [encoder.encode(e.prompt, e.completion, None, e.location) for e in examples]
@@ -95,7 +95,7 @@ def evaluate_rewards(
         result.rated = len(ratings)
         result.pearson_r, result.sign_accuracy = agreement(scores, ratings, threshold)
         if judge:
-            judged = judge([text_of(e.completion) for e in examples])
+            judged = judge([text_of(e.completion) for e in examples], None)
             result.judge["pearson_r"], result.judge["sign_accuracy"] = agreement(judged, ratings, 0.0)
     return result
 

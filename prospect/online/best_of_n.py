@@ -66,8 +66,9 @@ def sample_and_score(config: Config, model_source: str | None = None) -> list[li
     del model
     reward = load_reward(o, state.device, bf16)
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
-    flat_prompts = [it.prompt for it, group in zip(mine, samples) for _ in group]
-    scores = reward(flat_prompts, texts) if texts else []
+    flat = [it for it, group in zip(mine, samples) for _ in group]
+    flat_prompts = [it.prompt for it in flat]
+    scores = reward(flat_prompts, texts, [it.fields for it in flat]) if texts else []
     n = o.samples_per_prompt
     groups = [
         [Scored(p, t, s) for p, t, s in zip(flat_prompts[i : i + n], texts[i : i + n], scores[i : i + n])]

@@ -146,7 +146,8 @@ class PPOTrainer(Trainer):
         samples = self.sampler.generate([p.prompt_ids for p in prompts], params)
         rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
         texts = self.tokenizer.batch_decode([s.token_ids for _, s in rows], skip_special_tokens=True)
-        scores = torch.tensor(self.reward([p.prompt for p, _ in rows], texts), device=self.device)
+        scores = self.reward([p.prompt for p, _ in rows], texts, [p.fields for p, _ in rows])
+        scores = torch.tensor(scores, device=self.device)
         seqs = pad(
             [p.prompt_ids for p, _ in rows], [s.token_ids for _, s in rows], self.tokenizer.pad_token_id
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -13,7 +14,7 @@ from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
 from prospect.evaluation.rewards import score_in_batches
 
-RewardFn = Callable[[list[Text], list[str]], list[float]]
+RewardFn = Callable[..., list[float]]  # (prompts, completions, fields per prompt or None) -> scores
 
 
 class ModelReward:
@@ -30,7 +31,9 @@ class ModelReward:
         self.encoder = Encoder(self.tokenizer, max_length, max_length // 2)
         self.device = device
 
-    def __call__(self, prompts: list[Text], completions: list[str]) -> list[float]:
+    def __call__(
+        self, prompts: list[Text], completions: list[str], fields: list[dict] | None = None
+    ) -> list[float]:
         items = [
             self.encoder.encode(
                 p, c if isinstance(p, str) else [{"role": "assistant", "content": c}], None, ""
@@ -48,7 +51,9 @@ class ModelReward:
 
 
 class FunctionReward:
-    """`module:function`, called as function(prompt, completion) -> float for each sample."""
+    """`module:function`, called as function(prompt, completion) -> float for each sample, or as
+    function(prompt, completion, fields) when it takes a third argument: the prompt row's other fields,
+    e.g. the reference answer a verifier checks against."""
 
     def __init__(self, spec: str):
         module_name, _, name = spec.partition(":")
@@ -59,11 +64,19 @@ class FunctionReward:
         except (ImportError, AttributeError) as exc:
             raise UserError(f"online.reward_function={spec!r}: cannot import it ({exc})") from None
         self.spec = spec
+        self.wants_fields = len(inspect.signature(self.function).parameters) >= 3
 
-    def __call__(self, prompts: list[Text], completions: list[str]) -> list[float]:
+    def __call__(
+        self, prompts: list[Text], completions: list[str], fields: list[dict] | None = None
+    ) -> list[float]:
         values = []
-        for prompt, completion in zip(prompts, completions):
-            value = self.function(prompt, completion)
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            args = (
+                (prompt, completion, (fields[i] if fields else None) or {})
+                if self.wants_fields
+                else (prompt, completion)
+            )
+            value = self.function(*args)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise UserError(f"{self.spec} returned {value!r}; expected a number")
             values.append(float(value))

@@ -1,0 +1,280 @@
+"""Labellers turn sampled completions into training data, behind one interface.
+
+Scores come from a reward model, a Python reward or verifier function (`online/rewards.py`), or an AI judge
+that rates each completion. They become:
+- binary labels (KTO): desirable when the score is above a threshold that is fixed, or the mean or median of
+  the prompt's own samples;
+- pairs (DPO): best vs worst, a random pair, or a random pair at least `min_gap` apart;
+- filtered completions (ReST, ReST-EM): those above a threshold.
+An AI judge can also compare two completions directly; it is asked in both orders and the verdicts are
+averaged, which removes its position bias. Judge output that cannot be parsed never crashes a run: it is
+counted, reported, and the comparison is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import statistics
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prospect.data.formats import Text
+from prospect.errors import UserError
+
+
+@dataclass
+class Group:
+    """One prompt's sampled completions and their scores."""
+
+    prompt: Text
+    completions: list[str]
+    scores: list[float] = field(default_factory=list)
+    fields: dict | None = None
+
+
+def binary_labels(groups: list[Group], threshold: str = "fixed", value: float = 0.0) -> list[dict]:
+    """{prompt, completion, label}: desirable when the score is above the threshold (`fixed` at `value`,
+    or the `mean` / `median` of the prompt's samples). Ties with a mean or median threshold are left out."""
+    rows = []
+    for group in groups:
+        cut = {
+            "fixed": value,
+            "mean": statistics.fmean(group.scores) if group.scores else 0.0,
+            "median": statistics.median(group.scores) if group.scores else 0.0,
+        }[threshold]
+        for completion, score in zip(group.completions, group.scores):
+            if threshold != "fixed" and score == cut:
+                continue
+            rows.append(
+                {"prompt": group.prompt, "completion": completion, "label": score > cut, "score": score}
+            )
+    return rows
+
+
+def select_pairs(
+    groups: list[Group], selection: str = "best_worst", min_gap: float = 0.0, rng: random.Random | None = None
+) -> list[dict]:
+    """{prompt, chosen, rejected}: one pair per prompt whose scores differ (by at least `min_gap`)."""
+    rng = rng or random.Random(0)
+    rows = []
+    for group in groups:
+        scored = list(zip(group.completions, group.scores))
+        if len(scored) < 2:
+            continue
+        if selection == "best_worst":
+            (lo, s_lo), (hi, s_hi) = min(scored, key=lambda x: x[1]), max(scored, key=lambda x: x[1])
+            candidates = [((hi, s_hi), (lo, s_lo))]
+        else:
+            candidates = [
+                (a, b) if a[1] > b[1] else (b, a) for i, a in enumerate(scored) for b in scored[i + 1 :]
+            ]
+            rng.shuffle(candidates)
+        for (chosen, s_c), (rejected, s_r) in candidates:
+            gap = s_c - s_r
+            if gap > 0 and gap >= (min_gap if selection == "min_gap" else 0.0) and chosen != rejected:
+                rows.append({"prompt": group.prompt, "chosen": chosen, "rejected": rejected, "margin": gap})
+                break
+    return rows
+
+
+def filtered(groups: list[Group], threshold: float) -> list[dict]:
+    """{prompt, completion}: the completions scoring at least `threshold` (ReST's Improve, ReST-EM's E-step)."""
+    return [
+        {"prompt": g.prompt, "completion": c, "score": s}
+        for g in groups
+        for c, s in zip(g.completions, g.scores)
+        if s >= threshold
+    ]
+
+
+# ----- AI judges ---------------------------------------------------------------------------------
+
+COMPARE = (
+    "You are judging two responses to the same request.\n\nRequest:\n{prompt}\n\nResponse A:\n{a}\n\n"
+    "Response B:\n{b}\n\nWhich response is better? {how}"
+)
+RATE = (
+    "Rate how good this response to the request is.\n\nRequest:\n{prompt}\n\nResponse:\n{response}\n\n{how}"
+)
+VERDICT = re.compile(r"verdict\s*[:\-]?\s*\**\s*\(?\s*([AB])\b", re.IGNORECASE)
+LONE_LETTER = re.compile(r"^\s*\(?([AB])\)?[.!]?\s*$", re.MULTILINE)
+RATING = re.compile(r"rating\s*[:\-]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A' or 'B' from a judge's answer ('Verdict: A', or a line holding just the letter), else None."""
+    found = VERDICT.findall(text) or LONE_LETTER.findall(text)
+    return found[-1].upper() if found else None
+
+
+def parse_rating(text: str, low: float = 1, high: float = 10) -> float | None:
+    found = RATING.findall(text)
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if low <= value <= high else None
+
+
+def prompt_text(prompt: Text) -> str:
+    return (
+        prompt
+        if isinstance(prompt, str)
+        else "\n".join(m["content"] for m in prompt if m["role"] != "system")
+    )
+
+
+class JudgeLabeller:
+    """An AI judge (RLAIF): `complete(list of chat conversations) -> list of replies` is a local model or an
+    OpenAI-compatible endpoint. With `cot`, the judge reasons before its verdict."""
+
+    def __init__(self, complete: Callable[[list[list[dict]]], list[str]], cot: bool = False):
+        self.complete = complete
+        self.cot = cot
+        self.asked = 0
+        self.malformed = 0
+
+    def instructions(self, kind: str) -> str:
+        answer = "'Verdict: A' or 'Verdict: B'" if kind == "compare" else "'Rating: N' with N from 1 to 10"
+        if self.cot:
+            return f"Think step by step in a few sentences, then end with {answer}."
+        return f"Reply with {answer} only."
+
+    def compare(self, prompts: list[Text], pairs: list[tuple[str, str]]) -> list[float | None]:
+        """P(first is better) for each pair: 1, 0.5 (the two orders disagree) or 0; None when unparsable."""
+        how = self.instructions("compare")
+        conversations = []
+        for prompt, (x, y) in zip(prompts, pairs):
+            for a, b in ((x, y), (y, x)):
+                conversations.append(
+                    [
+                        {
+                            "role": "user",
+                            "content": COMPARE.format(prompt=prompt_text(prompt), a=a, b=b, how=how),
+                        }
+                    ]
+                )
+        replies = self.complete(conversations)
+        self.asked += len(replies)
+        out = []
+        for first, swapped in zip(replies[0::2], replies[1::2]):
+            v1, v2 = parse_verdict(first), parse_verdict(swapped)
+            self.malformed += (v1 is None) + (v2 is None)
+            out.append(None if v1 is None or v2 is None else ((v1 == "A") + (v2 == "B")) / 2)
+        return out
+
+    def rate(self, prompts: list[Text], completions: list[str]) -> list[float | None]:
+        how = self.instructions("rate")
+        replies = self.complete(
+            [
+                [{"role": "user", "content": RATE.format(prompt=prompt_text(p), response=c, how=how)}]
+                for p, c in zip(prompts, completions)
+            ]
+        )
+        self.asked += len(replies)
+        ratings = [parse_rating(r) for r in replies]
+        self.malformed += sum(r is None for r in ratings)
+        return ratings
+
+    def judged_pairs(self, groups: list[Group], rng: random.Random) -> list[dict]:
+        """One pair per prompt from two random samples, labelled by the judge in both orders."""
+        chosen = [(g, rng.sample(range(len(g.completions)), 2)) for g in groups if len(g.completions) >= 2]
+        verdicts = self.compare(
+            [g.prompt for g, _ in chosen], [(g.completions[i], g.completions[j]) for g, (i, j) in chosen]
+        )
+        rows = []
+        for (group, (i, j)), p in zip(chosen, verdicts):
+            if p is None or p == 0.5:
+                continue  # unparsable, or the judge contradicted itself when the order was swapped
+            win, lose = (i, j) if p > 0.5 else (j, i)
+            rows.append(
+                {
+                    "prompt": group.prompt,
+                    "chosen": group.completions[win],
+                    "rejected": group.completions[lose],
+                }
+            )
+        return rows
+
+    def report(self) -> dict:
+        return {"judge_calls": self.asked, "judge_malformed": self.malformed}
+
+
+class LocalJudge:
+    """A local causal LM answering judge prompts greedily with its chat template."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 64, batch_size: int = 16, bf16: bool = False):
+        from prospect.models.sampling import HFSampler
+
+        self.tokenizer = tokenizer
+        self.sampler = HFSampler(model, tokenizer, batch_size=batch_size, bf16=bf16)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        from prospect.models.sampling import SamplingParams
+
+        prompts = [
+            self.tokenizer(
+                self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )["input_ids"]
+            for c in conversations
+        ]
+        out = self.sampler.generate(
+            prompts, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0)
+        )
+        return [self.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in out]
+
+
+class HTTPJudge:
+    """An OpenAI-compatible chat-completions endpoint. The key is read from an environment variable and
+    never printed, logged or put into error messages."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_tokens: int = 256,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.key_env, self.timeout, self.max_tokens = model, key_env, timeout, max_tokens
+
+    def __repr__(self) -> str:
+        return f"HTTPJudge({self.url!r}, model={self.model!r}, key from ${self.key_env})"
+
+    def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        key = os.environ.get(self.key_env)
+        if not key:
+            raise UserError(
+                f"HTTP judge: environment variable {self.key_env} is not set (it holds the API key)"
+            )
+        return [self.ask(conversation, key) for conversation in conversations]
+
+    def ask(self, messages: list[dict], key: str) -> str:
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
+        ).encode()
+        request = urllib.request.Request(
+            self.url,
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                reply = json.loads(response.read().decode())
+            return reply["choices"][0]["message"]["content"] or ""
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"HTTP judge {self.url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, TimeoutError) as exc:
+            raise UserError(
+                f"HTTP judge {self.url}: cannot reach it ({getattr(exc, 'reason', exc)})"
+            ) from None
+        except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+            return ""  # a malformed reply counts as a malformed verdict, not a crash

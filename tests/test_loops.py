@@ -1,0 +1,221 @@
+"""Online loops on the tiny model: two rounds end to end, and a resume from a killed round."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import HTTPServer
+
+import pytest
+import yaml
+
+from prospect.config import load_config
+from prospect.engine.trainer import Trainer
+from prospect.errors import UserError
+from prospect.online.rounds import run_loop
+from tests.conftest import tiny_overrides
+from tests.test_labellers import StubJudge
+
+REWARD = "tests.test_loops:reward_letters"
+
+
+def reward_letters(prompt, completion: str) -> float:
+    """A dense reward the tiny model's random text varies on: how many e's it has."""
+    return float(completion.count("e"))
+
+
+def loop_config(tiny_model_dir, data, out, **extra):
+    values = {
+        "online.reward_function": REWARD,
+        "online.samples_per_prompt": 4,
+        "online.max_new_tokens": 6,
+        "loop.rounds": 2,
+        "train.max_steps": 2,
+        "train.batch_size": 2,
+        **extra,
+    }
+    return load_config(None, tiny_overrides(tiny_model_dir, data, out, **values))
+
+
+def rounds(run):
+    return [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+
+
+def trained_from(run, k, name="train"):
+    return yaml.safe_load((run / f"round-{k:02d}" / name / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [
+        ("kto", {"loop.threshold": "mean"}),
+        ("dpo", {"loop.pair_selection": "random"}),
+    ],
+)
+def test_iterative_rounds(loss, extra, tiny_model_dir, kto_file, tmp_path):
+    run = tmp_path / loss
+    run_loop(loop_config(tiny_model_dir, kto_file, run, **{"loss.name": loss, **extra}))
+    assert [r["round"] for r in rounds(run)] == [1, 2]
+    first, second = trained_from(run, 1), trained_from(run, 2)
+    assert first["model"]["name"] == str(tiny_model_dir)
+    assert second["model"]["name"] == str(run / "round-01" / "train" / "final")  # round 2 starts from round 1
+    assert second["train"]["reference_model"] is None  # ... and its reference is round 1's policy
+    data = [json.loads(line) for line in (run / "round-02" / "data.jsonl").read_text().splitlines()]
+    assert data and ({"label"} <= set(data[0]) if loss == "kto" else {"chosen", "rejected"} <= set(data[0]))
+    samples = [json.loads(line) for line in (run / "round-01" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(len(s["completions"]) == 4 == len(s["scores"]) for s in samples)
+
+
+def test_base_reference(tiny_model_dir, kto_file, tmp_path):
+    run = tmp_path / "base-ref"
+    run_loop(
+        loop_config(
+            tiny_model_dir,
+            kto_file,
+            run,
+            **{"loss.name": "kto", "loop.reference": "base", "loop.threshold": "mean"},
+        )
+    )
+    assert trained_from(run, 2)["train"]["reference_model"] == str(tiny_model_dir)
+
+
+def test_rest_improves_at_rising_thresholds(tiny_model_dir, kto_file, tmp_path):
+    run = tmp_path / "rest"
+    run_loop(
+        loop_config(
+            tiny_model_dir,
+            kto_file,
+            run,
+            **{
+                "loss.name": "sft",
+                "loop.kind": "rest",
+                "loop.improve_thresholds": "0,1",
+                "online.samples_per_prompt": 8,
+            },
+        )
+    )
+    for k in (1, 2):
+        improve = [
+            [json.loads(x) for x in (run / f"round-{k:02d}" / f"improve-{i}.jsonl").read_text().splitlines()]
+            for i in (1, 2)
+        ]
+        assert all(r["score"] >= 0 for r in improve[0]) and all(r["score"] >= 1 for r in improve[1])
+        assert len(improve[1]) <= len(improve[0])
+        assert trained_from(run, k, "improve-2")["model"]["name"] == str(
+            run / f"round-{k:02d}" / "improve-1" / "final"
+        )
+
+
+def test_rest_em_retrains_the_base_model(tiny_model_dir, kto_file, tmp_path):
+    run = tmp_path / "rest-em"
+    run_loop(
+        loop_config(
+            tiny_model_dir,
+            kto_file,
+            run,
+            **{
+                "loss.name": "sft",
+                "loop.kind": "rest_em",
+                "loop.threshold_value": 0.0,
+                "online.samples_per_prompt": 2,
+            },
+        )
+    )
+    assert trained_from(run, 2)["model"]["name"] == str(tiny_model_dir)  # the M-step starts from the base
+    assert rounds(run)[1]["policy"] == str(run / "round-02" / "train" / "final")
+
+
+def test_constitutional_revisions(tiny_model_dir, kto_file, tmp_path):
+    constitution = tmp_path / "constitution.txt"
+    constitution.write_text("# principles\nBe kind.\nBe brief.\n")
+    run = tmp_path / "cai"
+    run_loop(
+        loop_config(
+            tiny_model_dir,
+            kto_file,
+            run,
+            **{
+                "loss.name": "sft",
+                "loop.kind": "constitutional",
+                "loop.constitution": str(constitution),
+                "online.samples_per_prompt": 1,
+                "loop.rounds": 1,
+            },
+        )
+    )
+    rows = [json.loads(x) for x in (run / "round-01" / "data.jsonl").read_text().splitlines()]
+    assert rows and {"original", "critique", "completion", "principle"} <= set(rows[0])
+    assert {r["principle"] for r in rows} <= {"Be kind.", "Be brief."}
+    with pytest.raises(UserError, match=r"needs loop\.constitution"):
+        run_loop(
+            loop_config(
+                tiny_model_dir,
+                kto_file,
+                tmp_path / "x",
+                **{"loss.name": "sft", "loop.kind": "constitutional"},
+            )
+        )
+
+
+def test_rlaif_with_an_http_judge(tiny_model_dir, kto_file, tmp_path, monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), StubJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
+    try:
+        run = tmp_path / "rlaif"
+        run_loop(
+            loop_config(
+                tiny_model_dir,
+                kto_file,
+                run,
+                **{
+                    "loss.name": "dpo",
+                    "online.reward_function": None,
+                    "loop.judge": "http",
+                    "loop.rounds": 1,
+                    "loop.judge_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+                    "loop.judge_model": "stub",
+                    "loop.judge_key_env": "JUDGE_KEY",
+                },
+            )
+        )
+    finally:
+        server.shutdown()
+    stats = rounds(run)[0]
+    assert stats["judge_calls"] == 12 and stats["judge_malformed"] == 0  # 6 prompts, each pair in both orders
+    assert (run / "round-01" / "train" / "final" / "model.safetensors").exists()
+
+
+def test_a_killed_round_resumes(tiny_model_dir, kto_file, tmp_path, monkeypatch):
+    run = tmp_path / "killed"
+    config = loop_config(
+        tiny_model_dir, kto_file, run, **{"loss.name": "kto", "loop.threshold": "mean", "train.save_every": 1}
+    )
+    real_train = Trainer.train
+    calls = []
+
+    def train_then_die(self):
+        calls.append(self.run_dir)
+        if len(calls) == 2:
+            self.callbacks.append(lambda trainer, result: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return real_train(self)
+
+    monkeypatch.setattr(Trainer, "train", train_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(config)
+    assert (run / "round-01" / "DONE").exists() and not (run / "round-02" / "DONE").exists()
+    samples_before = (run / "round-02" / "samples.jsonl").read_text()
+    monkeypatch.setattr(Trainer, "train", real_train)
+    resumed = loop_config(
+        tiny_model_dir,
+        kto_file,
+        run,
+        **{"loss.name": "kto", "loop.threshold": "mean", "train.save_every": 1, "train.resume": True},
+    )
+    run_loop(resumed)
+    assert (run / "round-02" / "samples.jsonl").read_text() == samples_before  # round 2 was not sampled again
+    assert [r["round"] for r in rounds(run)] == [1, 2]
+    metrics = [
+        json.loads(x)["step"] for x in (run / "round-02" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics == [1, 2]
