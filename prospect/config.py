@@ -33,6 +33,9 @@ class ModelConfig:
     gguf_file: str | None = opt(None, "GGUF file inside `name` (a directory or hub repo) to load.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of `name`.")
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the hub. Off unless you ask.")
+    allow_pickle: bool = opt(
+        False, "Load weights stored with pickle (pytorch_model.bin). Off: safetensors only."
+    )
     lora_r: int = opt(
         0, "LoRA rank; 0 trains all weights. With LoRA the reference is the adapter-disabled model."
     )
@@ -144,6 +147,12 @@ class TrainConfig:
     )
     padding_free: bool = opt(
         False, "Pack each microbatch into one row with per-sequence positions: no compute on padding."
+    )
+    on_nonfinite: str = opt(
+        "stop",
+        "A NaN or Inf loss or gradient: 'stop' with the offending examples named (the last checkpoint "
+        "stays intact), or 'skip' the step without updating.",
+        ("stop", "skip"),
     )
     disable_dropout: bool = opt(True, "Turn off dropout so policy and reference log-probs are comparable.")
     logprob_chunk: int = opt(1024, "Completion tokens per chunk of the fp32 output projection.")

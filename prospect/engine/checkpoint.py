@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,25 @@ def commit(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
     final = root / step_dir_name(step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if final.exists():  # never true in a normal run; keep the old one complete until the new one is in place
+        stale = root / f".{final.name}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(final, stale)
+        os.rename(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     fsync_dir(root)
     if keep_last > 0:
         for _, old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fault(point: str, step: int) -> None:
+    """Fault injection for the kill tests: PROSPECT_FAULT=<point>:<step> kills this process (SIGKILL) there."""
+    if os.environ.get("PROSPECT_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path: Path) -> None:

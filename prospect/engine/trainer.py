@@ -428,12 +428,19 @@ class Trainer:
         metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, max_norm))
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            where = ", ".join(sorted({loc for b in batches for loc in b.locations}))[:500]
-            self.optimizer.zero_grad(set_to_none=True)
-            raise UserError(
+            where = "; ".join(sorted({loc for b in batches for loc in b.locations}))[:800]
+            message = (
                 f"step {self.step + 1}: non-finite loss ({metrics['loss']}) or gradient norm "
-                f"({metrics['grad_norm']}); examples: {where}. The last checkpoint is intact."
+                f"({metrics['grad_norm']}); examples: {where}"
             )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.train.on_nonfinite == "stop":
+                raise UserError(
+                    message + ". The last checkpoint is intact; train.on_nonfinite=skip skips such steps."
+                )
+            log.warning("%s; step skipped (no update)", message)
+            metrics["skipped"] = 1.0
+            return metrics
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -470,6 +477,7 @@ class Trainer:
         first_step, loop_started = self.step, time.perf_counter()
         while self.step < self.total_steps:
             step_started = time.perf_counter()
+            ckpt.fault("step", self.step + 1)
             metrics = self.train_step()
             self.step += 1
             self.maybe_refresh_reference()
@@ -601,6 +609,7 @@ class Trainer:
         if acc.is_main_process:
             tmp = ckpt.temporary_dir(root, self.step)
             ckpt.save_weights(acc.unwrap_model(self.policy), tmp / "model.safetensors")
+            ckpt.fault("checkpoint-write", self.step)
             if self.cfg.train.reference_refresh_every:
                 ckpt.save_weights(self.initial_model, tmp / "reference.safetensors", trainable_only=False)
             ckpt.save_optimizer(self.raw_optimizer(), tmp)

@@ -29,9 +29,14 @@ def load_model(
     tokenizer = load_tokenizer(cfg, source)
     try:
         model = auto_class.from_pretrained(
-            source, dtype=torch.float32, **hub_kwargs(cfg), **attention_kwargs(cfg)
+            source, dtype=torch.float32, **hub_kwargs(cfg), **attention_kwargs(cfg), **weight_kwargs(cfg)
         )
     except (OSError, ValueError) as exc:
+        if not cfg.allow_pickle and pickle_only(source):
+            raise UserError(
+                f"model '{cfg.name}': its weights are pickle files (.bin), which can run code when "
+                "loaded; convert them to safetensors or set model.allow_pickle=true"
+            ) from None
         raise UserError(f"model '{cfg.name}': could not load it ({first_line(exc)})") from None
     return model, tokenizer
 
@@ -54,6 +59,11 @@ def load_tokenizer(cfg: ModelConfig, source: str) -> PreTrainedTokenizerBase:
 
 def hub_kwargs(cfg: ModelConfig) -> dict:
     return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def weight_kwargs(cfg: ModelConfig) -> dict:
+    """safetensors only, unless the user allows pickle checkpoints."""
+    return {} if cfg.allow_pickle else {"use_safetensors": True}
 
 
 def attention_kwargs(cfg: ModelConfig) -> dict:
@@ -133,6 +143,11 @@ def check_saved_weights(model: PreTrainedModel, directory: Path) -> None:
     tied = {name for name in missing if any(state[name].data_ptr() == state[s].data_ptr() for s in saved)}
     if missing - tied:
         raise RuntimeError(f"converted checkpoint lacks {sorted(missing - tied)[:3]}")
+
+
+def pickle_only(source: str) -> bool:
+    path = Path(source)
+    return path.is_dir() and any(path.glob("*.bin")) and not any(path.glob("*.safetensors"))
 
 
 def first_line(exc: BaseException) -> str:
