@@ -67,6 +67,10 @@ class DataConfig:
         "'completions' {prompt, completion}, or 'auto' to detect from the fields.",
         ("auto", "unpaired", "paired", "rated", "ranked", "completions"),
     )
+    rating_min: float | None = opt(
+        None, "Rated rows: the lowest valid rating (a rating below it is an error)."
+    )
+    rating_max: float | None = opt(None, "Rated rows: the highest valid rating.")
     desirable_above: float = opt(0.5, "Rated rows: a rating above this is desirable (for unpaired losses).")
     undesirable_below: float = opt(
         -0.5, "Rated rows: a rating below this is undesirable; in between is left out."

@@ -1,5 +1,4 @@
-"""The command line: bad input ends with one line naming file, line, field and expectation; exit 2;
-no traceback; no run directory created."""
+"""The command line: options, --help, and bad options (bad data: tests/test_hostile_input.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import pytest
 
 from prospect.cli import main
 from prospect.config import SECTIONS
-from tests.conftest import tiny_overrides, unpaired_rows, write_jsonl
+from tests.conftest import tiny_overrides
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -17,84 +16,6 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
         main(argv)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
-
-
-def rows_with(index: int, **changes) -> list[dict]:
-    rows = unpaired_rows(8)
-    rows[index].update(changes)
-    for key, value in list(changes.items()):
-        if value is ...:
-            del rows[index][key]
-    return rows
-
-
-BAD_INPUTS = [
-    # (name, writer(tmp_path) -> data path, expected message with {path})
-    ("missing file", lambda d: d / "nope.jsonl", "{path}: no such file"),
-    (
-        "malformed json line",
-        lambda d: _raw(
-            d, '{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "a", "completion": \n'
-        ),
-        "{path}:2: not valid JSON (Expecting value at column 31)",
-    ),
-    (
-        "missing field",
-        lambda d: write_jsonl(d / "x.jsonl", rows_with(2, completion=...)),
-        "{path}:3: field 'completion': expected a value (unpaired rows have prompt, completion, label)",
-    ),
-    (
-        "mistyped field",
-        lambda d: write_jsonl(d / "x.jsonl", rows_with(1, prompt=42)),
-        "{path}:2: field 'prompt': expected non-empty text or a list of {{role, content}} messages, got 42",
-    ),
-    (
-        "label not boolean",
-        lambda d: write_jsonl(d / "x.jsonl", rows_with(4, label="yes")),
-        "{path}:5: field 'label': expected a boolean (true or false), got \"yes\"",
-    ),
-    (
-        "empty completion",
-        lambda d: write_jsonl(d / "x.jsonl", rows_with(0, completion="  ")),
-        "{path}:1: field 'completion': expected non-empty text, got \"  \"",
-    ),
-    (
-        "no undesirable examples",
-        lambda d: write_jsonl(d / "x.jsonl", [dict(r, label=True) for r in unpaired_rows(8)]),
-        "KTO needs both desirable and undesirable examples; the training data has no undesirable ones "
-        "(8 desirable, 0 undesirable)",
-    ),
-    (
-        "not utf-8",
-        lambda d: _raw(d, b'{"prompt": "a", "completion": "b", "label": true}\n' + b'{"prompt": "\xff"}\n'),
-        "{path}:2: expected UTF-8 text",
-    ),
-    (
-        "bad message",
-        lambda d: write_jsonl(d / "x.jsonl", rows_with(3, prompt=[{"role": "user"}])),
-        "{path}:4: field 'prompt[0]': expected a message {{role: str, content: str}}, got {{'role': 'user'}}",
-    ),
-]
-
-
-def _raw(directory, content) -> object:
-    path = directory / "x.jsonl"
-    if isinstance(content, str):
-        path.write_text(content)
-    else:
-        path.write_bytes(content)
-    return path
-
-
-@pytest.mark.parametrize(("name", "make", "expected"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_gives_one_clear_line(name, make, expected, tiny_model_dir, tmp_path, capsys):
-    data = make(tmp_path)
-    out = tmp_path / "run"
-    code, _, err = run_cli(["train", *tiny_overrides(tiny_model_dir, data, out)], capsys)
-    assert code == 2
-    assert err == f"error: {expected.format(path=data)}\n"
-    assert "Traceback" not in err
-    assert not out.exists()
 
 
 @pytest.mark.parametrize(

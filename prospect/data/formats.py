@@ -219,8 +219,20 @@ def split_implicit_prompt(row: Row, chosen: Text, rejected: Text) -> tuple[Messa
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def check_unique_ids(rows: list[Row]) -> None:
+    """Rows that carry an `id` must not share one: a duplicate usually means data was appended twice."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        if "id" in row.values:
+            key = str(row.values["id"])
+            if key in seen:
+                raise field_error(row.location, "id", f"an id no other row has ({seen[key]} has it too)", key)
+            seen[key] = row.location
+
+
 def parse_rows(rows: list[Row], requested: str) -> tuple[str, list]:
-    """(format, parsed rows): Examples for unpaired/rated/completions, Pairs, or Rankings."""
+    """(format, parsed rows): Examples for unpaired/rated/completions/prompts, Pairs, or Rankings."""
+    check_unique_ids(rows)
     kind = detect_format(rows, requested)
     if kind == "paired":
         return kind, [parse_paired(row) for row in rows]

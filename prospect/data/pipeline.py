@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from prospect.config import DataConfig
@@ -10,6 +11,7 @@ from prospect.data.convert import to_completions, to_groups, to_pairs, to_prompt
 from prospect.data.formats import Example, Pair, Ranking, parse_rows
 from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoded, EncodedPair, EncodedPrompt, Encoder
+from prospect.errors import field_error
 
 log = logging.getLogger(__name__)
 CONVERTERS = {
@@ -35,7 +37,19 @@ def read_training(cfg: DataConfig, needs: str, seed: int) -> list[Example] | lis
     if cfg.limit > 0:
         rows = rows[: cfg.limit]
     kind, parsed = parse_rows(rows, cfg.format)
+    if kind == "rated":
+        check_ratings(parsed, cfg)
     return CONVERTERS[needs](kind, parsed, cfg, seed)
+
+
+def check_ratings(examples: list[Example], cfg: DataConfig) -> None:
+    low = -math.inf if cfg.rating_min is None else cfg.rating_min
+    high = math.inf if cfg.rating_max is None else cfg.rating_max
+    for e in examples:
+        if not low <= e.rating <= high:
+            raise field_error(
+                e.location, "rating", f"a rating in [{cfg.rating_min}, {cfg.rating_max}]", e.rating
+            )
 
 
 def count(examples: list) -> dict[str, int]:

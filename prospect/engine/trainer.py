@@ -455,8 +455,11 @@ class Trainer:
     def train(self) -> Path:
         t, started = self.cfg.train, time.perf_counter()
         is_main = self.accelerator.is_main_process
-        resumed = self.resume() if self.run.resuming else None
-        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
+        if self.run.resuming:
+            self.resume()
+        metrics_log = MetricsLog(
+            self.run_dir / "metrics.jsonl", resume_step=self.step if self.run.resuming else None
+        )
         if self.trackers():
             self.accelerator.init_trackers(self.run_dir.name, config=flatten(self.cfg.to_dict()))
         before = (

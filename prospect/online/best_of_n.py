@@ -26,7 +26,7 @@ from prospect.engine.trainer import bf16_supported
 from prospect.errors import UserError
 from prospect.models.loading import load_model
 from prospect.models.sampling import HFSampler, SamplingParams
-from prospect.online.rewards import load_reward
+from prospect.online.rewards import check_reward, load_reward
 
 
 @dataclasses.dataclass
@@ -94,6 +94,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def best_of_n(config: Config, train: bool = True) -> Path:
     """Sample, score, keep, and (with `train`) fine-tune on the kept samples. Returns the run directory."""
     run = RunDir(config)
+    check_reward(config.online)
     state = PartialState()
     samples_file, kept_file = run.path / "samples.jsonl", run.path / "kept.jsonl"
     if not (run.resuming and kept_file.is_file()):

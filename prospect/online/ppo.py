@@ -25,7 +25,7 @@ from prospect.models.sampling import HFSampler, SamplingParams
 from prospect.models.scoring import TokenScorer
 from prospect.online.advantages import gae, masked_mean, whiten
 from prospect.online.kl_control import KLController
-from prospect.online.rewards import load_reward
+from prospect.online.rewards import check_reward, load_reward
 
 
 class ActorCritic(nn.Module):
@@ -97,6 +97,7 @@ class PPOTrainer(Trainer):
 
     def check_options(self) -> None:
         super().check_options()
+        check_reward(self.cfg.online)
         if self.cfg.train.reference_cache:
             raise UserError(
                 "train.reference_cache: PPO scores new samples every step; there is nothing to cache"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,11 @@ class ModelReward:
         self.scorer = ScalarScorer(model, score_head(model), bf16=bf16)
         self.encoder = Encoder(self.tokenizer, max_length, max_length // 2)
         self.device = device
+
+    def to(self, device: torch.device, bf16: bool) -> ModelReward:
+        self.scorer.to(device)
+        self.scorer.bf16, self.device = bf16, device
+        return self
 
     def __call__(
         self, prompts: list[Text], completions: list[str], fields: list[dict] | None = None
@@ -81,6 +87,23 @@ class FunctionReward:
                 raise UserError(f"{self.spec} returned {value!r}; expected a number")
             values.append(float(value))
         return values
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub name ('org/model' has one slash)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_reward(cfg: OnlineConfig) -> None:
+    """Fail on a bad reward setting before any work is done (or any run directory created)."""
+    if bool(cfg.reward_model) == bool(cfg.reward_function):
+        raise UserError("online: set exactly one of online.reward_model and online.reward_function")
+    if cfg.reward_function:
+        FunctionReward(cfg.reward_function)
+    elif looks_local(cfg.reward_model) and not Path(cfg.reward_model).expanduser().exists():
+        raise UserError(
+            f"online.reward_model={cfg.reward_model}: no such directory (train a reward model first)"
+        )
 
 
 def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn:

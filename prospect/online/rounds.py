@@ -47,7 +47,7 @@ from prospect.online.labellers import (
     prompt_text,
     select_pairs,
 )
-from prospect.online.rewards import load_reward
+from prospect.online.rewards import check_reward, load_reward
 
 CRITIQUE = (
     "Critique your previous response by this principle: {principle} Point out, in a few sentences, "
@@ -291,6 +291,8 @@ def run_loop(config: Config) -> Path:
             f"loop.improve_thresholds={loop.improve_thresholds!r}: expected numbers, comma separated"
         ) from None
     run = RunDir(config)
+    if loop.judge == "none" and loop.kind != "constitutional":
+        check_reward(config.online)
     state = PartialState()
     if state.is_main_process:
         run.create()
