@@ -53,7 +53,8 @@ def test_bad_input(name, tiny_model_dir, pickled_model, tmp_path, capsys):
         argv = ["train", "--config", str(CORPUS / case["recipe"])]
     else:
         overrides = [o.replace("{pickle}", str(pickled_model)) for o in case["overrides"]]
-        argv = ["train", *tiny_overrides(tiny_model_dir, CORPUS / case["data"], out), *overrides]
+        command = case.get("command", "train")
+        argv = [command, *tiny_overrides(tiny_model_dir, CORPUS / case["data"], out), *overrides]
     code, err = run_cli(argv, capsys)
     expected = case["error"].replace("{dir}", str(CORPUS)).replace("{pickle}", str(pickled_model))
     assert code == 2

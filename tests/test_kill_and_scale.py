@@ -100,16 +100,25 @@ def torchrun(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
 
 
-@pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_two_processes_match_one(loss, tiny_model_dir, tmp_path):
+def accelerate_launch(config: str) -> list[str]:
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / config
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m"]
+
+
+@pytest.mark.parametrize(
+    "loss, launcher",
+    [("dpo", torchrun(2)), ("kto", accelerate_launch("cpu_2proc.yaml"))],
+    ids=["dpo-torchrun", "kto-accelerate"],
+)
+def test_two_processes_match_one(loss, launcher, tiny_model_dir, tmp_path):
     """Global batch 8: 2 processes x 4, against 1 process x 4 x 2 accumulation steps."""
     data = write_jsonl(tmp_path / "pairs.jsonl", paired_rows(32))
     options = {"loss.name": loss, "train.max_steps": 4, "train.batch_size": 4, "train.log_every": 1}
     one = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "one", **options, **{"train.grad_accum": 2}))
     assert one.returncode == 0, one.stderr
-    two = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options), launcher=torchrun(2))
+    two = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options), launcher=launcher)
     assert two.returncode == 0, two.stderr
-    assert "4 x 1 accum x 2 proc" in two.stdout
+    assert "4 x 1 accum x 2 proc MULTI_CPU" in two.stdout
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     metrics = [
@@ -125,3 +134,15 @@ def test_two_processes_match_one(loss, tiny_model_dir, tmp_path):
         # KTO's reference point is estimated per microbatch step: one process accumulating sees each half
         # of the batch alone, two processes reduce it over both halves, so the runs differ slightly by design.
         assert worst < 1e-2
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "cpu_2proc"])
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "no"  # prospect sets precision itself
+    assert config.num_processes >= 2
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["gradient_accumulation_steps"] == 1
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -72,6 +72,7 @@ from prospect.models.reward import ScalarScorer, last_token_positions, load_rewa
 from prospect.models.scoring import TokenScorer
 
 log = logging.getLogger(__name__)
+SHARDED_STATE = "sharded"  # FSDP / DeepSpeed checkpoints: accelerate's own per-rank state
 
 
 @dataclass
@@ -88,6 +89,16 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def cpu_only() -> bool:
+    """No accelerator: every process runs on the CPU and multi-process launches are DDP over gloo."""
+    if torch.accelerator.is_available():
+        return False
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() == "true":
+            log.warning("%s needs GPUs; with none here the processes run DDP over gloo on the CPU", name)
+    return True
+
+
 class Trainer:
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
         self.cfg, t = config, config.train
@@ -96,9 +107,12 @@ class Trainer:
         self.params = self.spec.make_params(config.loss, f"{config.source}: loss")
         self.check_options()
         # With no GPU, multi-process launches (torchrun, accelerate launch) run DDP over gloo on the CPU.
-        self.accelerator = Accelerator(
-            log_with=self.trackers(), project_dir=t.output_dir, cpu=not torch.accelerator.is_available()
-        )
+        self.accelerator = Accelerator(log_with=self.trackers(), project_dir=t.output_dir, cpu=cpu_only())
+        if self.sharded() and config.model.lora_r > 0:
+            raise UserError(
+                "model.lora_r: LoRA under FSDP or DeepSpeed is not supported; launch LoRA runs with "
+                "configs/accelerate/ddp.yaml (the adapter is small enough to replicate)"
+            )
         self.run = RunDir(config)
         self.run_dir = self.run.path
         examples = read_training(config.data, self.spec.data, t.seed)
@@ -144,7 +158,9 @@ class Trainer:
         self.model, self.peft_model = self.build_policy(model)
         self.scorer = self.build_scorer()
         trainable = [p for p in self.scorer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True
+        )
         updates = self.total_steps * self.updates_per_step()
         self.scheduler = get_scheduler(
             t.lr_scheduler,
@@ -514,6 +530,13 @@ class Trainer:
             print(f"done in {time.perf_counter() - started:.0f}s; model: {final}", flush=True)
         return final
 
+    def sharded(self) -> bool:
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def strategy(self) -> str:
+        kind = self.accelerator.distributed_type
+        return "" if kind == DistributedType.NO else f" {kind.value}"
+
     def print_banner(self) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -524,7 +547,7 @@ class Trainer:
             reference = self.reference_mode + (" (cached)" if self.cache else "")
         print(
             f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} steps "
-            f"of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc), {mode}, "
+            f"of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc{self.strategy()}), {mode}, "
             f"reference={reference}, precision={'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
             f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}",
             flush=True,
@@ -611,11 +634,16 @@ class Trainer:
         tmp = root / f".{ckpt.step_dir_name(self.step)}.tmp"
         if acc.is_main_process:
             tmp = ckpt.temporary_dir(root, self.step)
-            ckpt.save_weights(acc.unwrap_model(self.policy), tmp / "model.safetensors")
+        acc.wait_for_everyone()
+        if self.sharded():  # every rank writes its shard of weights and optimizer state
+            acc.save_state(str(tmp / SHARDED_STATE), safe_serialization=True)
+        if acc.is_main_process:
+            if not self.sharded():
+                ckpt.save_weights(acc.unwrap_model(self.policy), tmp / "model.safetensors")
+                ckpt.save_optimizer(self.raw_optimizer(), tmp)
             ckpt.fault("checkpoint-write", self.step)
             if self.cfg.train.reference_refresh_every:
                 ckpt.save_weights(self.initial_model, tmp / "reference.safetensors", trainable_only=False)
-            ckpt.save_optimizer(self.raw_optimizer(), tmp)
             ckpt.write_json(tmp / "scheduler.json", self.scheduler.state_dict())
         acc.wait_for_everyone()
         ckpt.save_rng(tmp / f"rng-{acc.process_index}.safetensors")
@@ -644,10 +672,13 @@ class Trainer:
             raise UserError(
                 f"{path}: written by {state['world_size']} processes; resume with the same number"
             )
-        ckpt.load_weights(self.accelerator.unwrap_model(self.policy), path / "model.safetensors")
+        if self.sharded():
+            self.accelerator.load_state(str(path / SHARDED_STATE))
+        else:
+            ckpt.load_weights(self.accelerator.unwrap_model(self.policy), path / "model.safetensors")
+            ckpt.load_optimizer(self.raw_optimizer(), path)
         if self.cfg.train.reference_refresh_every:
             ckpt.load_weights(self.initial_model, path / "reference.safetensors", trainable_only=False)
-        ckpt.load_optimizer(self.raw_optimizer(), path)
         self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         ckpt.load_rng(path / f"rng-{self.accelerator.process_index}.safetensors")
         self.load_extra_state(state.get("extra", {}))
@@ -660,13 +691,16 @@ class Trainer:
         """A plain transformers checkpoint (config, safetensors, tokenizer with chat template); LoRA is merged."""
         final = self.run_dir / "final"
         acc = self.accelerator
+        # FSDP and ZeRO-3 hold shards: gather the full weights (a collective, so on every rank).
+        full = acc.get_state_dict(self.policy) if self.sharded() else None
         if acc.is_main_process:
             model = acc.unwrap_model(self.policy).model
             tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
             if self.peft_model is not None:
                 model.save_pretrained(tmp / "adapter")
                 model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
+            weights = None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             self.tokenizer.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(final)

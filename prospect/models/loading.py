@@ -88,6 +88,8 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if cfg.gguf_file:
         return cfg.name, cfg.gguf_file
+    if not path.exists() and (cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1):
+        raise UserError(f"model '{cfg.name}': no such directory (and not a hub name of the form owner/name)")
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(
             f"model '{cfg.name}': directory has no config.json; expected a transformers checkpoint"
