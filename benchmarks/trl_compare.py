@@ -105,7 +105,7 @@ class Timer:
         }
 
 
-def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path) -> dict:
+def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, lean: bool = False) -> dict:
     from prospect.config import load_config
     from prospect.engine.trainer import Trainer
 
@@ -123,10 +123,12 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path) -
         "train.warmup_ratio=0",
         "train.log_every=1000",
         "train.precision=bf16",
-        "train.padding_free=true",
+        "train.padding_free=false",  # on CPU, eager attention over one packed row costs more than padding
     ]
     if job == "kto":
         overrides.append("loss.desirable_weight=1.0")
+    if lean:  # less memory for more compute: activations recomputed in the backward pass
+        overrides.append("model.gradient_checkpointing=true")
     trainer = Trainer(load_config(None, overrides))
     original = trainer.train_step
 
@@ -242,14 +244,22 @@ def main() -> None:
     parser.add_argument("--job", choices=["kto", "dpo"], default="kto")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--libraries", default="prospect,trl")
+    parser.add_argument(
+        "--libraries",
+        default="prospect,trl",
+        help="comma separated: prospect, prospect-lean (checkpointing), trl",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run = run_prospect if args.worker == "prospect" else run_trl
         with tempfile.TemporaryDirectory() as tmp:
-            result = run(args.job, Path(args.data), args.max_length, args.steps, Path(tmp) / "out")
+            out = Path(tmp) / "out"
+            if args.worker == "trl":
+                result = run_trl(args.job, Path(args.data), args.max_length, args.steps, out)
+            else:
+                lean = args.worker == "prospect-lean"
+                result = run_prospect(args.job, Path(args.data), args.max_length, args.steps, out, lean)
         print("RESULT " + json.dumps(result), flush=True)
         return
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
@@ -286,7 +296,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     header = (
-        f"{'library':>9} {'tokens/s':>9} {'samples/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
+        f"{'library':>13} {'tokens/s':>9} {'samples/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
         f"{'% bf16':>7} {'% fp32':>7} {'step-1 loss':>11}"
     )
     print(header)
@@ -294,16 +304,17 @@ def main() -> None:
         tokens_per_sequence = r["tokens_per_step"] / (BATCH * (2 if args.job == "dpo" else 1))
         gflops = r["tokens_per_s"] * useful_flops_per_token(args.job, tokens_per_sequence) / 1e9
         print(
-            f"{library:>9} {r['tokens_per_s']:>9.0f} {r['samples_per_s']:>9.2f} {r['step_seconds']:>7.2f} "
+            f"{library:>13} {r['tokens_per_s']:>9.0f} {r['samples_per_s']:>9.2f} {r['step_seconds']:>7.2f} "
             f"{r['peak_rss_mb']:>11.0f} {gflops:>8.1f} {100 * gflops / peaks['bf16']:>6.1f}% "
             f"{100 * gflops / peaks['fp32']:>6.1f}% {r['first_loss'] if r['first_loss'] is not None else float('nan'):>11.4f}"
         )
-    if {"prospect", "trl"} <= set(results):
-        p, t = results["prospect"], results["trl"]
-        print(
-            f"prospect / TRL: tokens/s x{p['tokens_per_s'] / t['tokens_per_s']:.2f}, "
-            f"peak RSS x{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
-        )
+    for name in ("prospect", "prospect-lean"):
+        if name in results and "trl" in results:
+            p, t = results[name], results["trl"]
+            print(
+                f"{name} / TRL: tokens/s x{p['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+                f"peak RSS x{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+            )
 
 
 if __name__ == "__main__":

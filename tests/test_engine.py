@@ -171,3 +171,31 @@ def test_batch_size_one_is_refused_for_kto(tiny_model_dir, kto_file, tmp_path):
     with pytest.raises(UserError, match=r"train.batch_size=1: loss 'kto' pairs each prompt with another"):
         make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"train.batch_size": 1})
     assert not (tmp_path / "run").exists()
+
+
+def test_training_steps_run_in_train_mode_with_checkpointing_after_an_evaluation(
+    tiny_model_dir, kto_file, tmp_path
+):
+    """Held-out sampling puts the model in eval mode; the next training step must switch back, or gradient
+    checkpointing (and dropout) silently stop working."""
+    trainer = make_trainer(
+        tiny_model_dir,
+        kto_file,
+        tmp_path / "run",
+        **{
+            "train.max_steps": 2,
+            "model.gradient_checkpointing": True,
+            "eval.num_prompts": 2,
+            "eval.max_new_tokens": 2,
+        },
+    )
+    model = trainer.accelerator.unwrap_model(trainer.policy).model
+    seen: list[tuple[bool, bool]] = []
+
+    def record(module, args):
+        if torch.is_grad_enabled():
+            seen.append((module.training, module.gradient_checkpointing))
+
+    model.model.register_forward_pre_hook(record)
+    trainer.train()
+    assert seen and all(training and checkpointing for training, checkpointing in seen)

@@ -416,6 +416,7 @@ class Trainer:
     def accumulate_gradients(self) -> tuple[dict[str, float], list[Batch]]:
         """Forward and backward over this step's microbatches; gradients are left in `.grad`."""
         t = self.cfg.train
+        self.policy.train()  # sampling for evaluation leaves it in eval mode (no checkpointing, no dropout)
         indices = step_indices(len(self.data.items), self.global_batch, t.seed, self.step)
         rank = self.accelerator.process_index
         batches = [

@@ -182,6 +182,7 @@ class PPOTrainer(Trainer):
     def train_step(self) -> dict[str, float]:
         p, acc = self.params, self.accelerator
         batch = self.rollout()
+        self.policy.train()  # the rollout sampled in eval mode
         n = batch["seqs"].num_sequences
         stats = StepStats()
         generator = torch.Generator().manual_seed(
