@@ -20,6 +20,9 @@ from prospect.models.scoring import TokenScorer
 from tests.conftest import build_model, paired_rows, unpaired_rows
 
 TOLERANCE = 1e-5
+# IPO's losses are about 25 at step 0 ((1/(2 tau))^2 with tau 0.1): fp32 rounding of the summed log-probs
+# alone moves them by ~1e-5, so large losses are compared to 1e-6 relative instead.
+RELATIVE = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_dpo_and_ipo_match_trl(loss_type, name, params, models, tmp_path):
             completion_lengths=seqs.completion_lengths(),
             **params,
         )
-        assert got.item() == pytest.approx(expected.item(), abs=TOLERANCE)
+        assert got.item() == pytest.approx(expected.item(), abs=TOLERANCE, rel=RELATIVE)
         compared += 1
     assert compared == 6
 
