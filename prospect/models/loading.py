@@ -74,6 +74,11 @@ def attention_kwargs(cfg: ModelConfig) -> dict:
     return {"attn_implementation": attention}
 
 
+def looks_local(name: str) -> bool:
+    """A path rather than a hub name ('owner/name' has one slash)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
     """(directory or hub name, GGUF file name or None)."""
     if cfg.name == "smollm2":
@@ -88,7 +93,7 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if cfg.gguf_file:
         return cfg.name, cfg.gguf_file
-    if not path.exists() and (cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1):
+    if not path.exists() and looks_local(cfg.name):
         raise UserError(f"model '{cfg.name}': no such directory (and not a hub name of the form owner/name)")
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(

@@ -14,6 +14,7 @@ from prospect.data.formats import Text
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
 from prospect.evaluation.rewards import score_in_batches
+from prospect.models.loading import looks_local
 
 RewardFn = Callable[..., list[float]]  # (prompts, completions, fields per prompt or None) -> scores
 
@@ -31,11 +32,6 @@ class ModelReward:
         self.scorer = ScalarScorer(model, score_head(model), bf16=bf16)
         self.encoder = Encoder(self.tokenizer, max_length, max_length // 2)
         self.device = device
-
-    def to(self, device: torch.device, bf16: bool) -> ModelReward:
-        self.scorer.to(device)
-        self.scorer.bf16, self.device = bf16, device
-        return self
 
     def __call__(
         self, prompts: list[Text], completions: list[str], fields: list[dict] | None = None
@@ -89,11 +85,6 @@ class FunctionReward:
         return values
 
 
-def looks_local(name: str) -> bool:
-    """A path rather than a hub name ('org/model' has one slash)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def check_reward(cfg: OnlineConfig) -> None:
     """Fail on a bad reward setting before any work is done (or any run directory created)."""
     if bool(cfg.reward_model) == bool(cfg.reward_function):
@@ -107,8 +98,7 @@ def check_reward(cfg: OnlineConfig) -> None:
 
 
 def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn:
-    if bool(cfg.reward_model) == bool(cfg.reward_function):
-        raise UserError("online: set exactly one of online.reward_model and online.reward_function")
+    check_reward(cfg)
     if cfg.reward_function:
         return FunctionReward(cfg.reward_function)
     return ModelReward(cfg.reward_model, device, bf16)

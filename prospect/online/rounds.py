@@ -35,7 +35,7 @@ from prospect.engine.rundir import RunDir
 from prospect.engine.trainer import bf16_supported
 from prospect.errors import UserError
 from prospect.losses.base import get_loss
-from prospect.models.loading import load_model, load_tokenizer, local_source
+from prospect.models.loading import load_model, resolve_model_source
 from prospect.models.sampling import HFSampler, SamplingParams
 from prospect.online.labellers import (
     Group,
@@ -293,8 +293,8 @@ def run_loop(config: Config) -> Path:
     run = RunDir(config)
     if loop.judge == "none" and loop.kind != "constitutional":
         check_reward(config.online)
-    # Bad model names and bad prompt files fail here, before the run directory exists.
-    load_tokenizer(config.model, local_source(config.model))
+    # Bad model paths and bad prompt files fail here, before the run directory exists.
+    resolve_model_source(config.model)
     read_training(config.data, "prompts", config.train.seed)
     state = PartialState()
     if state.is_main_process:
