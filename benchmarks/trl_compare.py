@@ -86,6 +86,7 @@ class Timer:
     def __init__(self):
         self.times, self.tokens, self.samples, self.losses = [], [], [], []
         self.started = None
+        self.setup_seconds = 0.0  # reference log-probs computed before training (cached runs)
 
     def begin(self):
         self.started = time.perf_counter()
@@ -100,12 +101,15 @@ class Timer:
             "samples_per_s": sum(samples) / sum(times),
             "step_seconds": sum(times) / len(times),
             "tokens_per_step": sum(tokens) / len(tokens),
+            "setup_seconds": self.setup_seconds,
             "first_loss": self.losses[0] if self.losses else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
 
-def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, lean: bool = False) -> dict:
+def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, options: set[str]) -> dict:
+    """options: 'packed' (padding-free rows), 'lean' (gradient checkpointing), 'cached' (reference
+    log-probs computed once before training; their time is reported apart), 'sdpa' attention."""
     from prospect.config import load_config
     from prospect.engine.trainer import Trainer
 
@@ -123,14 +127,29 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, l
         "train.warmup_ratio=0",
         "train.log_every=1000",
         "train.precision=bf16",
-        "train.padding_free=false",  # on CPU, eager attention over one packed row costs more than padding
+        f"train.padding_free={'packed' in options}",
+        f"model.gradient_checkpointing={'lean' in options}",
+        f"train.reference_cache={'cached' in options}",
+        f"model.attn_implementation={'sdpa' if 'sdpa' in options else 'eager'}",
     ]
     if job == "kto":
         overrides.append("loss.desirable_weight=1.0")
-    if lean:  # less memory for more compute: activations recomputed in the backward pass
-        overrides.append("model.gradient_checkpointing=true")
+    if "cached" in options:  # a fresh cache, so the reference really runs; its time is reported apart
+        import functools
+
+        from prospect.engine import trainer as engine
+
+        engine.ReferenceCache = functools.partial(engine.ReferenceCache, directory=out.parent / "reference")
     trainer = Trainer(load_config(None, overrides))
     original = trainer.train_step
+    original_precompute = trainer.precompute_reference
+
+    def timed_precompute():
+        started = time.perf_counter()
+        original_precompute()
+        timer.setup_seconds = time.perf_counter() - started
+
+    trainer.precompute_reference = timed_precompute
 
     def timed_step():
         timer.begin()
@@ -153,7 +172,8 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, l
     return timer.summary()
 
 
-def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path) -> dict:
+def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path, precompute: bool) -> dict:
+    """precompute: TRL's own precompute_ref_log_probs (reference log-probs before the first step)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -177,7 +197,9 @@ def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path) -> dic
         "max_length": max_length,
         "warmup_steps": 0,
         "dataloader_num_workers": 0,
+        "precompute_ref_log_probs": precompute,
     }
+    timer.begin()  # setup: the trainer's construction up to its first step (TRL may precompute in either)
     if job == "kto":
         from trl import KTOConfig, KTOTrainer
 
@@ -201,6 +223,8 @@ def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path) -> dic
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if not timer.times:  # before the first step: TRL's reference precompute, if any
+                timer.setup_seconds = time.perf_counter() - timer.started
             timer.begin()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -220,9 +244,10 @@ def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path) -> dic
     return timer.summary()
 
 
-def useful_flops_per_token(job: str, tokens_per_sequence: float) -> float:
-    """Model FLOPs per trained token: 6N for the policy's forward and backward, 2N per further forward (the
-    reference; for KTO also the policy and reference on the KL batch), plus attention scores."""
+def useful_flops_per_token(job: str, tokens_per_sequence: float, reference_in_step: bool = True) -> float:
+    """Model FLOPs per trained token in a step: 6N for the policy's forward and backward, 2N per further
+    forward (the reference, unless precomputed; for KTO also the policy and reference on the KL batch), plus
+    attention scores."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir())
@@ -235,7 +260,7 @@ def useful_flops_per_token(job: str, tokens_per_sequence: float) -> float:
     matmul_params = layers * per_layer + d * vocab
     attention = 4 * layers * d * tokens_per_sequence / 2  # QK^T and AV, causal: half the square
     per_forward = 2 * matmul_params + attention
-    forwards = 1 + (2 if job == "kto" else 0)  # reference; KL policy + KL reference
+    forwards = (1 + (1 if job == "kto" else 0)) * reference_in_step + (1 if job == "kto" else 0)
     return 3 * per_forward + forwards * per_forward
 
 
@@ -247,7 +272,9 @@ def main() -> None:
     parser.add_argument(
         "--libraries",
         default="prospect,trl",
-        help="comma separated: prospect, prospect-lean (checkpointing), trl",
+        help="comma separated: trl, trl+precompute (reference precomputed), or prospect with options joined by '+': packed (padding-free rows), "
+        "lean (gradient checkpointing), cached (reference log-probs precomputed), sdpa (instead of eager "
+        "attention), e.g. prospect+packed+lean",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -255,11 +282,16 @@ def main() -> None:
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
-            if args.worker == "trl":
-                result = run_trl(args.job, Path(args.data), args.max_length, args.steps, out)
+            if args.worker in ("trl", "trl+precompute"):
+                precompute = args.worker == "trl+precompute"
+                result = run_trl(args.job, Path(args.data), args.max_length, args.steps, out, precompute)
             else:
-                lean = args.worker == "prospect-lean"
-                result = run_prospect(args.job, Path(args.data), args.max_length, args.steps, out, lean)
+                name, *options = args.worker.split("+")
+                if name != "prospect" or not set(options) <= {"packed", "lean", "cached", "sdpa"}:
+                    parser.error(f"unknown library {args.worker!r}")
+                result = run_prospect(
+                    args.job, Path(args.data), args.max_length, args.steps, out, set(options)
+                )
         print("RESULT " + json.dumps(result), flush=True)
         return
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
@@ -296,23 +328,28 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     header = (
-        f"{'library':>13} {'tokens/s':>9} {'samples/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
-        f"{'% bf16':>7} {'% fp32':>7} {'step-1 loss':>11}"
+        f"{'library':>22} {'tokens/s':>9} {'samples/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
+        f"{'% bf16':>7} {'% fp32':>7} {'step-1 loss':>11} {'setup s':>7}"
     )
     print(header)
     for library, r in results.items():
         tokens_per_sequence = r["tokens_per_step"] / (BATCH * (2 if args.job == "dpo" else 1))
-        gflops = r["tokens_per_s"] * useful_flops_per_token(args.job, tokens_per_sequence) / 1e9
+        precomputed = "cached" in library or "precompute" in library
+        flops = useful_flops_per_token(args.job, tokens_per_sequence, reference_in_step=not precomputed)
+        gflops = r["tokens_per_s"] * flops / 1e9
+        setup = f"{r['setup_seconds']:.0f}" if precomputed else "-"
         print(
-            f"{library:>13} {r['tokens_per_s']:>9.0f} {r['samples_per_s']:>9.2f} {r['step_seconds']:>7.2f} "
+            f"{library:>22} {r['tokens_per_s']:>9.0f} {r['samples_per_s']:>9.2f} {r['step_seconds']:>7.2f} "
             f"{r['peak_rss_mb']:>11.0f} {gflops:>8.1f} {100 * gflops / peaks['bf16']:>6.1f}% "
             f"{100 * gflops / peaks['fp32']:>6.1f}% {r['first_loss'] if r['first_loss'] is not None else float('nan'):>11.4f}"
+            f" {setup:>7}"
         )
-    for name in ("prospect", "prospect-lean"):
-        if name in results and "trl" in results:
-            p, t = results[name], results["trl"]
+    for name in results:
+        peer = "trl+precompute" if "cached" in name else "trl"
+        if name.startswith("prospect") and peer in results:
+            p, t = results[name], results[peer]
             print(
-                f"{name} / TRL: tokens/s x{p['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+                f"{name} / {peer}: tokens/s x{p['tokens_per_s'] / t['tokens_per_s']:.2f}, "
                 f"peak RSS x{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
             )
 

@@ -159,7 +159,11 @@ class TrainConfig:
         ("stop", "skip"),
     )
     disable_dropout: bool = opt(True, "Turn off dropout so policy and reference log-probs are comparable.")
-    logprob_chunk: int = opt(1024, "Completion tokens per chunk of the fp32 output projection.")
+    logprob_chunk: int = opt(
+        0,
+        "Completion tokens per chunk of the fp32 output projection; 0 sizes chunks to 2^25 logits "
+        "(128 MB), so memory does not grow with the vocabulary.",
+    )
 
 
 @dataclass
@@ -226,6 +230,11 @@ class LoopConfig:
         ("fixed", "mean", "median"),
     )
     threshold_value: float = opt(0.5, "The fixed threshold (binary labels), or ReST-EM's correctness cut.")
+    undesirable_ratio: float = opt(
+        0.0,
+        "Binary labels: keep at most this many undesirable rows per desirable one (0 keeps all), those whose "
+        "prompt also has a desirable sample first. Rare successes are otherwise swamped by failures.",
+    )
     pair_selection: str = opt(
         "best_worst",
         "Pairs: 'best_worst', a 'random' pair, or a random pair at least pair_min_gap apart ('min_gap').",

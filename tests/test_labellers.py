@@ -16,6 +16,7 @@ from prospect.online.labellers import (
     Group,
     HTTPJudge,
     JudgeLabeller,
+    balance_labels,
     binary_labels,
     filtered,
     parse_rating,
@@ -50,6 +51,25 @@ def test_binary_thresholds():
         ("p", "x"): False,
         ("p", "y"): True,
     }
+
+
+def test_balance_keeps_all_desirable_and_contrasting_undesirable_first():
+    groups = [
+        Group("p1", ["right", "w1", "w2"], [1.0, 0.0, 0.0]),
+        Group("p2", ["w3", "w4", "w5", "w6"], [0.0, 0.0, 0.0, 0.0]),
+        Group("p3", ["right2", "w7"], [1.0, 0.0]),
+    ]
+    rows = binary_labels(groups, "fixed", 0.5)
+    assert len(balance_labels(rows, 0.0, random.Random(0))) == len(rows) == 9
+    for seed in range(5):
+        kept = balance_labels(rows, 1.5, random.Random(seed))  # 2 desirable -> 3 undesirable
+        assert [r["completion"] for r in kept if r["label"]] == ["right", "right2"]
+        wrong = {r["completion"] for r in kept if not r["label"]}
+        assert len(wrong) == 3 and {"w1", "w2", "w7"} == wrong  # same-prompt failures come first
+    kept = balance_labels(rows, 2.0, random.Random(0))
+    wrong = [r["completion"] for r in kept if not r["label"]]
+    assert len(wrong) == 4 and {"w1", "w2", "w7"} < set(wrong)
+    assert wrong == sorted(wrong, key=[r["completion"] for r in rows].index)  # original order kept
 
 
 def test_pair_selection():

@@ -11,7 +11,7 @@ from prospect.config import load_config
 from prospect.data.batching import pack, pad, paired_batch, sequence_key, step_indices, unpaired_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
-from tests.conftest import paired_rows, tiny_overrides, write_jsonl
+from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, write_jsonl
 
 
 def make(tiny_model_dir, data, out, **extra) -> Trainer:
@@ -146,8 +146,14 @@ def test_refresh_survives_resume(tiny_model_dir, pairs_file, tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])
-def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, kto_file, pairs_file, tmp_path):
-    data = kto_file if loss == "kto" else pairs_file
+def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, tmp_path):
+    # one completion in three six times as long, so short sequences share a packed row
+    rows = unpaired_rows() if loss == "kto" else paired_rows(24)
+    for i, row in enumerate(rows):
+        for key in ("completion", "chosen", "rejected"):
+            if key in row:
+                row[key] = (row[key] + " ") * (6 if (i + len(key)) % 3 == 0 else 1)
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
     padded = make(tiny_model_dir, data, tmp_path / "pad", **{"loss.name": loss})
     packed = make(tiny_model_dir, data, tmp_path / "pack", **{"loss.name": loss, "train.padding_free": True})
     for trainer in (padded, packed):
@@ -155,7 +161,7 @@ def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, kto_file, 
     assert packed.metrics["loss"] == pytest.approx(padded.metrics["loss"], abs=1e-6)
     for a, b in zip(padded.policy.parameters(), packed.policy.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
-    items = padded.data.items[:6]
+    items = padded.data.items[:8]
     pad_id = padded.tokenizer.pad_token_id
     if loss == "dpo":
         rows = paired_batch(items, pad_id, pad).sequences, paired_batch(items, pad_id, pack).sequences
@@ -164,8 +170,25 @@ def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, kto_file, 
             unpaired_batch(items, pad_id, None, pad).sequences,
             unpaired_batch(items, pad_id, None, pack).sequences,
         )
-    assert rows[1].input_ids.shape[0] == 1 and rows[1].tokens == rows[0].tokens
+    padded_rows, packed_rows = rows
+    assert packed_rows.tokens == padded_rows.tokens
+    assert packed_rows.input_ids.shape[1] <= padded_rows.input_ids.shape[1]
+    assert packed_rows.input_ids.numel() < padded_rows.input_ids.numel()  # less compute on padding
     with torch.no_grad():
         torch.testing.assert_close(
             padded.policy_logps(rows[1]), padded.policy_logps(rows[0]), rtol=1e-5, atol=1e-5
         )
+
+
+def test_pack_fills_rows_first_fit_decreasing():
+    prompts = [[1] * 2, [2], [3], [4] * 2]
+    completions = [[11] * 3, [12] * 2, [13], [14] * 2]  # lengths 5, 3, 2, 4
+    seqs = pack(prompts, completions, pad_id=0)
+    # width 5: [seq 0], [seq 3 + 1 pad], [seq 1, seq 2]
+    assert seqs.input_ids.tolist() == [[1, 1, 11, 11, 11], [4, 4, 14, 14, 0], [2, 12, 12, 3, 13]]
+    assert seqs.sequence_index.tolist() == [[0] * 5, [3, 3, 3, 3, -1], [1, 1, 1, 2, 2]]
+    assert seqs.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert seqs.completion_mask.long().tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 0], [0, 1, 1, 0, 1]]
+    assert seqs.attention_mask is None and seqs.tokens == 14 and seqs.num_sequences == 4
+    wide = pack(prompts, completions, pad_id=0, width=16)  # everything in one row
+    assert wide.input_ids.shape == (1, 14)

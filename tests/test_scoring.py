@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prospect.data.batching import pad
-from prospect.models.scoring import TokenScorer, split_head
+from prospect.models.scoring import TokenScorer, linear_logprobs, split_head
 from tests.conftest import build_model
 
 
@@ -44,6 +44,33 @@ def test_chunked_head_gradients_equal_full_logits():
     reference_token_logps(model_b, seqs).sum().backward()
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_head_backward_in_bf16_is_a_bf16_accurate_gradient():
+    """Mixed precision: the head's log-probs stay fp32-exact, its backward runs in bf16 like the trunk's."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    head = torch.nn.Linear(32, 500, bias=True)
+    targets = torch.randint(0, 500, (40,), generator=g)
+    weights = torch.randn(40, generator=g)  # per-token upstream gradients, as a loss gives them
+
+    def grads(dtype):
+        hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+        values = linear_logprobs(hidden, head, targets, chunk=16, backward_dtype=dtype)
+        (values * weights).sum().backward()
+        return values.detach(), [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+
+    exact_values = (torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)).detach()
+    hidden.grad = None
+    (torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1) * weights).sum().backward()
+    exact = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        values, got = grads(dtype)
+        torch.testing.assert_close(values, exact_values, rtol=1e-6, atol=1e-6)  # forward: fp32 either way
+        for a, b in zip(got, exact):
+            assert (a - b).norm() <= tolerance * b.norm()
+    _, low = grads(torch.bfloat16)
+    assert any(not torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(low, exact))  # really bf16
 
 
 def test_models_with_logit_transforms_use_full_logits():
@@ -89,3 +116,25 @@ def test_bf16_log_ratio_tracks_fp32_after_the_policy_moves():
     matched = log_ratio(policy, reference, seqs, True, True)
     assert exact.abs().max() > 0.01
     torch.testing.assert_close(matched, exact, atol=0.1 * exact.abs().max().item(), rtol=0)
+
+
+def test_bf16_padded_log_probs_do_not_depend_on_the_batch():
+    """The reference cache scores sequences in other batches than training does; with right padding each
+    sequence's bf16 log-prob is the same, up to fp32 summation order, whatever shares its batch."""
+    model = build_model(256)
+    seqs = example_sequences(256)
+    scorer = TokenScorer(model, bf16=True)
+    with torch.no_grad():
+        together = scorer.sequence_logps(seqs)
+        rows = seqs.attention_mask.sum(1).tolist()
+        alone = [
+            scorer.sequence_logps(
+                pad(
+                    [seqs.input_ids[i, : seqs.completion_mask[i].nonzero()[0]].tolist()],
+                    [seqs.input_ids[i, seqs.completion_mask[i]].tolist()],
+                    pad_id=0,
+                )
+            )
+            for i in range(len(rows))
+        ]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-4)

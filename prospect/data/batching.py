@@ -83,25 +83,43 @@ def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> 
     return Sequences(input_ids, attention, completion, index, n, keys=keys)
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Sequences:
-    """All sequences end to end in one row: no padding at all."""
-    ids, positions, completion, index = [], [], [], []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids += p + c
-        positions += range(len(p) + len(c))
-        completion += [False] * len(p) + [True] * len(c)
-        index += [i] * (len(p) + len(c))
+def pack(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, width: int | None = None
+) -> Sequences:
+    """Sequences end to end in rows at most `width` tokens wide (default: the longest sequence, so never
+    wider than the padded batch), filled first-fit in decreasing length. Only the rows' tails are padding;
+    each pad tail is a dummy segment with its own positions, so it never attends into a real sequence."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = max(max(lengths, default=1), width or 0)
+    rows: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    used = max((width - free for free in room), default=1)
+    shape = (len(rows), used)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    completion = torch.zeros(shape, dtype=torch.bool)
+    index = torch.full(shape, -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in sorted(members):
+            p, c = prompts[i], completions[i]
+            span = slice(at, at + lengths[i])
+            input_ids[r, span] = torch.tensor(p + c, dtype=torch.long)
+            positions[r, span] = torch.arange(lengths[i])
+            completion[r, at + len(p) : at + lengths[i]] = True
+            index[r, span] = i
+            at += lengths[i]
+        positions[r, at:] = torch.arange(used - at)
     keys = [sequence_key(p, c) for p, c in zip(prompts, completions)]
-    row = lambda values, dtype: torch.tensor([values], dtype=dtype)  # noqa: E731
-    return Sequences(
-        row(ids, torch.long),
-        None,
-        row(completion, torch.bool),
-        row(index, torch.long),
-        len(prompts),
-        position_ids=row(positions, torch.long),
-        keys=keys,
-    )
+    return Sequences(input_ids, None, completion, index, len(prompts), position_ids=positions, keys=keys)
 
 
 @dataclass

@@ -193,6 +193,12 @@ class Trainer:
             )
         if t.reference_cache and not self.spec.needs_reference:
             raise UserError(f"train.reference_cache: loss '{self.spec.name}' uses no reference model")
+        if t.reference_cache and t.padding_free and t.precision != "fp32":
+            raise UserError(
+                "train.reference_cache with train.padding_free: in bf16 a sequence's log-prob depends on where "
+                "it sits in a packed row, so cached reference values would not match the policy's; drop one of "
+                "the two or set train.precision=fp32"
+            )
         if t.reference_model and (m.lora_r > 0 or t.reference == "adapter"):
             raise UserError("train.reference_model needs train.reference=copy without LoRA")
         if not 0 < t.reference_refresh_alpha <= 1:

@@ -1,7 +1,8 @@
 """Per-token log-probs of completion tokens: the one quantity every offline loss is built from.
 
 The transformer trunk may run under bf16 autocast; the output projection and log-softmax always run in
-fp32, only at completion positions and in chunks, so full [batch, length, vocab] logits never exist.
+fp32, only at completion positions and in chunks, so full [batch, length, vocab] logits never exist. Their
+backward (a gradient, not a log-ratio) runs in the trunk's precision.
 Policy and reference go through this same code, so their log-ratio is not rounding noise.
 """
 
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from prospect.data.batching import Sequences
 
+LOGITS_PER_CHUNK = 2**25  # fp32 logits held at once by the chunked head (128 MB), whatever the vocabulary
 # Config attributes of models whose logits are not a plain linear projection of the last hidden state.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -33,7 +35,7 @@ class TokenScorer(nn.Module):
     next token, zero where the token is not a completion token. Being an nn.Module, it is what
     accelerate wraps for DDP/FSDP, so every forward goes through the wrapper."""
 
-    def __init__(self, model: nn.Module, bf16: bool = False, chunk: int = 1024):
+    def __init__(self, model: nn.Module, bf16: bool = False, chunk: int = 0):
         super().__init__()
         self.model = model
         self.bf16 = bf16
@@ -81,7 +83,12 @@ class TokenScorer(nn.Module):
                     values = torch.stack([values, -(logps.exp() * logps).sum(-1)], -1)
             else:
                 values = linear_logprobs(
-                    states[:, :-1][target_mask], head, targets[target_mask], self.chunk, entropy
+                    states[:, :-1][target_mask],
+                    head,
+                    targets[target_mask],
+                    self.chunk,
+                    entropy,
+                    torch.bfloat16 if self.bf16 else torch.float32,
                 )
 
         def scatter(v: torch.Tensor) -> torch.Tensor:
@@ -119,12 +126,22 @@ def split_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
 
 
 def linear_logprobs(
-    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int, entropy: bool = False
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    targets: torch.Tensor,
+    chunk: int,
+    entropy: bool = False,
+    backward_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """log softmax(hidden @ W^T + b)[target] in fp32, chunk by chunk ([M], or [M, 2] with the entropy). With
-    gradients, each chunk's logits are recomputed in backward instead of being stored."""
-    pieces = []
+    """log softmax(hidden @ W^T + b)[target] in fp32, `chunk` rows at a time (0: LOGITS_PER_CHUNK logits)
+    ([M], or [M, 2] with the entropy). With gradients, each chunk's logits are recomputed in backward
+    instead of being stored, in `backward_dtype` (bf16 under mixed precision: the gradient needs bf16
+    accuracy, the log-probs fp32)."""
+    chunk = chunk if chunk > 0 else max(16, LOGITS_PER_CHUNK // head.out_features)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    if needs_grad and not entropy:
+        return TargetLogprobs.apply(hidden, head.weight, head.bias, targets, chunk, backward_dtype)
+    pieces = []
     for start in range(0, hidden.shape[0], chunk):
         args = (
             hidden[start : start + chunk],
@@ -155,3 +172,44 @@ def chunk_logprobs(
         return logps
     probs = torch.softmax(logits, dim=-1)
     return torch.stack([logps, normaliser - (probs * logits).sum(-1)], -1)
+
+
+class TargetLogprobs(torch.autograd.Function):
+    """`chunk_logprobs` over all rows, chunk by chunk, with a hand-written backward: d logp / d logits =
+    onehot(target) - softmax, formed in place on each chunk's recomputed logits, then two matmuls in
+    `backward_dtype`, the weight gradient summed over chunks in one buffer. Nothing of size vocab is kept
+    between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, backward_dtype):
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.backward_dtype = chunk, backward_dtype
+        pieces = [
+            chunk_logprobs(hidden[i : i + chunk], weight, bias, targets[i : i + chunk])
+            for i in range(0, hidden.shape[0], chunk)
+        ]
+        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        dtype, chunk = ctx.backward_dtype, ctx.chunk
+        weight_low = weight.detach().to(dtype)
+        bias_low = None if bias is None else bias.detach().to(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        for i in range(0, hidden.shape[0], chunk):
+            low, g = hidden[i : i + chunk].to(dtype), grad[i : i + chunk].unsqueeze(-1)
+            logits = F.linear(low, weight_low, bias_low).float()
+            scores = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()  # softmax, in place
+            scores.mul_(-g).scatter_add_(-1, targets[i : i + chunk].unsqueeze(-1), g)  # g (onehot - softmax)
+            if grad_bias is not None:
+                grad_bias += scores.sum(0)
+            scores = scores.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[i : i + chunk] = scores @ weight_low
+            if grad_weight is not None:
+                grad_weight += scores.t() @ low
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None

@@ -3,7 +3,7 @@
 Scores come from a reward model, a Python reward or verifier function (`online/rewards.py`), or an AI judge
 that rates each completion. They become:
 - binary labels (KTO): desirable when the score is above a threshold that is fixed, or the mean or median of
-  the prompt's own samples;
+  the prompt's own samples; undesirable rows can be capped at a ratio to the desirable ones;
 - pairs (DPO): best vs worst, a random pair, or a random pair at least `min_gap` apart;
 - filtered completions (ReST, ReST-EM): those above a threshold.
 An AI judge can also compare two completions directly; it is asked in both orders and the verdicts are
@@ -54,6 +54,22 @@ def binary_labels(groups: list[Group], threshold: str = "fixed", value: float = 
                 {"prompt": group.prompt, "completion": completion, "label": score > cut, "score": score}
             )
     return rows
+
+
+def balance_labels(rows: list[dict], ratio: float, rng: random.Random) -> list[dict]:
+    """Keep every desirable row and at most `ratio` undesirable rows per desirable one (ratio 0 keeps all).
+    Undesirable rows whose prompt also has a desirable one are kept first: they contrast right and wrong
+    answers to the same prompt. Rows keep their original order."""
+    desirable = sum(r["label"] for r in rows)
+    budget = round(ratio * desirable)
+    undesirable = [i for i, r in enumerate(rows) if not r["label"]]
+    if ratio <= 0 or len(undesirable) <= budget:
+        return rows
+    contrasted = {json.dumps(r["prompt"], sort_keys=True) for r in rows if r["label"]}
+    rng.shuffle(undesirable)
+    undesirable.sort(key=lambda i: json.dumps(rows[i]["prompt"], sort_keys=True) not in contrasted)
+    keep = set(undesirable[:budget])
+    return [r for i, r in enumerate(rows) if r["label"] or i in keep]
 
 
 def select_pairs(

@@ -42,6 +42,7 @@ from prospect.online.labellers import (
     HTTPJudge,
     JudgeLabeller,
     LocalJudge,
+    balance_labels,
     binary_labels,
     filtered,
     prompt_text,
@@ -213,6 +214,9 @@ def label(
     stats["score_mean"] = statistics.fmean(every) if every else None
     if needs == "unpaired":
         rows = binary_labels(groups, loop.threshold, loop.threshold_value)
+        rows = balance_labels(rows, loop.undesirable_ratio, rng)
+        stats["desirable"] = sum(r["label"] for r in rows)
+        stats["undesirable"] = len(rows) - stats["desirable"]
     elif needs == "paired":
         rows = select_pairs(groups, loop.pair_selection, loop.pair_min_gap, rng)
     else:
