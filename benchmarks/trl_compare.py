@@ -34,13 +34,17 @@ import torch
 LR, BETA, BATCH = 1e-6, 0.1, 8
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 6) -> float:
+def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 6, trials: int = 5) -> float:
+    """The best of `trials` timings of `reps` square matmuls: the clock of a shared CPU varies."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
-    started = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * size**3 * reps / (time.perf_counter() - started) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * size**3 * reps / (time.perf_counter() - started) / 1e9)
+    return best
 
 
 def build_data(job: str, max_length: int, rows: int, path: Path) -> None:
