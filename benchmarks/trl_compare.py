@@ -19,6 +19,7 @@ batch 8, the same data and hyperparameters, each in its fastest configuration th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -139,8 +140,6 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, o
     if job == "kto":
         overrides.append("loss.desirable_weight=1.0")
     if "cached" in options:  # a fresh cache, so the reference really runs; its time is reported apart
-        import functools
-
         from prospect.engine import trainer as engine
 
         engine.ReferenceCache = functools.partial(engine.ReferenceCache, directory=out.parent / "reference")

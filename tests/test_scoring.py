@@ -19,11 +19,15 @@ def reference_token_logps(model, seqs) -> torch.Tensor:
     return logps * seqs.completion_mask[:, 1:]
 
 
-def example_sequences(vocab: int, seed: int = 0):
+def example_lists(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 9, 3)]
     completions = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 2, 11)]
-    return pad(prompts, completions, pad_id=0)
+    return prompts, completions
+
+
+def example_sequences(vocab: int, seed: int = 0):
+    return pad(*example_lists(vocab, seed), pad_id=0)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 1024])
@@ -121,20 +125,9 @@ def test_bf16_log_ratio_tracks_fp32_after_the_policy_moves():
 def test_bf16_padded_log_probs_do_not_depend_on_the_batch():
     """The reference cache scores sequences in other batches than training does; with right padding each
     sequence's bf16 log-prob is the same, up to fp32 summation order, whatever shares its batch."""
-    model = build_model(256)
-    seqs = example_sequences(256)
-    scorer = TokenScorer(model, bf16=True)
+    scorer = TokenScorer(build_model(256), bf16=True)
+    prompts, completions = example_lists(256)
     with torch.no_grad():
-        together = scorer.sequence_logps(seqs)
-        rows = seqs.attention_mask.sum(1).tolist()
-        alone = [
-            scorer.sequence_logps(
-                pad(
-                    [seqs.input_ids[i, : seqs.completion_mask[i].nonzero()[0]].tolist()],
-                    [seqs.input_ids[i, seqs.completion_mask[i]].tolist()],
-                    pad_id=0,
-                )
-            )
-            for i in range(len(rows))
-        ]
+        together = scorer.sequence_logps(pad(prompts, completions, pad_id=0))
+        alone = [scorer.sequence_logps(pad([p], [c], pad_id=0)) for p, c in zip(prompts, completions)]
     torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-4)

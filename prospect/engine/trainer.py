@@ -131,6 +131,12 @@ class Trainer:
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_supported(self.device))
         if t.precision == "bf16" and not bf16_supported(self.device):
             log.warning("bf16 requested but %s has no fast bf16 matmuls; it will be slow", self.device)
+        if t.reference_cache and t.padding_free and self.bf16:
+            raise UserError(
+                "train.reference_cache with train.padding_free: in bf16 a sequence's log-prob depends on where "
+                "it sits in a packed row, so cached reference values would not match the policy's; drop one of "
+                "the two or set train.precision=fp32"
+            )
         self.reward_model = self.spec.model == "reward"
         model, self.tokenizer = (load_reward_model if self.reward_model else load_model)(config.model)
         self.control_ids = self.add_control_tokens(model)
@@ -193,12 +199,6 @@ class Trainer:
             )
         if t.reference_cache and not self.spec.needs_reference:
             raise UserError(f"train.reference_cache: loss '{self.spec.name}' uses no reference model")
-        if t.reference_cache and t.padding_free and t.precision != "fp32":
-            raise UserError(
-                "train.reference_cache with train.padding_free: in bf16 a sequence's log-prob depends on where "
-                "it sits in a packed row, so cached reference values would not match the policy's; drop one of "
-                "the two or set train.precision=fp32"
-            )
         if t.reference_model and (m.lora_r > 0 or t.reference == "adapter"):
             raise UserError("train.reference_model needs train.reference=copy without LoRA")
         if not 0 < t.reference_refresh_alpha <= 1:

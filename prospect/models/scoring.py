@@ -198,7 +198,7 @@ class TargetLogprobs(torch.autograd.Function):
         bias_low = None if bias is None else bias.detach().to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         for i in range(0, hidden.shape[0], chunk):
             low, g = hidden[i : i + chunk].to(dtype), grad[i : i + chunk].unsqueeze(-1)
             logits = F.linear(low, weight_low, bias_low).float()

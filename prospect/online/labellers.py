@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prospect.data.convert import prompt_key
 from prospect.data.formats import Text
 from prospect.errors import UserError
 
@@ -65,9 +66,9 @@ def balance_labels(rows: list[dict], ratio: float, rng: random.Random) -> list[d
     undesirable = [i for i, r in enumerate(rows) if not r["label"]]
     if ratio <= 0 or len(undesirable) <= budget:
         return rows
-    contrasted = {json.dumps(r["prompt"], sort_keys=True) for r in rows if r["label"]}
+    contrasted = {prompt_key(r["prompt"]) for r in rows if r["label"]}
     rng.shuffle(undesirable)
-    undesirable.sort(key=lambda i: json.dumps(rows[i]["prompt"], sort_keys=True) not in contrasted)
+    undesirable.sort(key=lambda i: prompt_key(rows[i]["prompt"]) not in contrasted)
     keep = set(undesirable[:budget])
     return [r for i, r in enumerate(rows) if r["label"] or i in keep]
 
