@@ -6,13 +6,15 @@
 
 Each library runs in its own subprocess (so peak memory is its own) on SmolLM2-135M-Instruct, per-device
 batch 8, the same data and hyperparameters, each in its fastest configuration that works on this CPU
-(bf16 autocast; eager attention). Reported per library:
+(bf16 autocast; eager attention in TRL, prospect's segment attention, which is eager attention under a
+mask that can also share prompts). Reported per library:
 - tokens/s: non-pad tokens of the trained sequences (prompt + completion; chosen and rejected for DPO)
   per second of step time, the first (warm-up) step excluded; samples/s likewise (examples or pairs);
 - peak RSS of the process;
 - useful GFLOP/s: the model FLOPs the algorithm needs at non-pad tokens (policy forward and backward,
   reference forward, and for KTO the policy and reference forwards of the KL batch), as a fraction of this
-  machine's bf16 and fp32 matmul peaks, measured in the same run;
+  machine's bf16 and fp32 matmul peaks, measured in the same run; 'run % bf16' counts only the tokens the
+  network ran (a prompt shared by chosen and rejected once);
 - the loss of the first step (policy = reference, so KTO = 0.5 lambda and DPO = ln 2 in both).
 """
 
@@ -90,6 +92,7 @@ class Timer:
 
     def __init__(self):
         self.times, self.tokens, self.samples, self.losses = [], [], [], []
+        self.computed = []  # tokens the network actually ran: a shared prompt counts once
         self.started = None
         self.setup_seconds = 0.0  # reference log-probs computed before training (cached runs)
 
@@ -106,6 +109,7 @@ class Timer:
             "samples_per_s": sum(samples) / sum(times),
             "step_seconds": sum(times) / len(times),
             "tokens_per_step": sum(tokens) / len(tokens),
+            "computed_fraction": sum(self.computed[1:]) / sum(tokens) if self.computed else 1.0,
             "setup_seconds": self.setup_seconds,
             "first_loss": self.losses[0] if self.losses else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -113,8 +117,9 @@ class Timer:
 
 
 def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, options: set[str]) -> dict:
-    """options: 'packed' (padding-free rows), 'lean' (gradient checkpointing), 'cached' (reference
-    log-probs computed once before training; their time is reported apart), 'sdpa' attention."""
+    """options: 'packed' (padding-free rows; chosen and rejected share their prompt), 'lean' (gradient
+    checkpointing), 'cached' (reference log-probs computed once before training; their time is reported
+    apart), 'eager' or 'sdpa' (transformers' attention instead of prospect's: no shared prompts)."""
     from prospect.config import load_config
     from prospect.engine.trainer import Trainer
 
@@ -135,7 +140,7 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, o
         f"train.padding_free={'packed' in options}",
         f"model.gradient_checkpointing={'lean' in options}",
         f"train.reference_cache={'cached' in options}",
-        f"model.attn_implementation={'sdpa' if 'sdpa' in options else 'eager'}",
+        f"model.attn_implementation={next((a for a in ('sdpa', 'eager') if a in options), 'auto')}",
     ]
     if job == "kto":
         overrides.append("loss.desirable_weight=1.0")
@@ -166,6 +171,7 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, o
     def counting():
         metrics, batches = original_accumulate()
         timer.tokens.append(sum(b.sequences.tokens for b in batches))
+        timer.computed.append(sum(int((b.sequences.sequence_index >= 0).sum()) for b in batches))
         timer.samples.append(sum(b.units for b in batches))
         return metrics, batches
 
@@ -276,8 +282,8 @@ def main() -> None:
         "--libraries",
         default="prospect,trl",
         help="comma separated: trl, trl+precompute (reference precomputed), or prospect with options joined by '+': packed (padding-free rows), "
-        "lean (gradient checkpointing), cached (reference log-probs precomputed), sdpa (instead of eager "
-        "attention), e.g. prospect+packed+lean",
+        "lean (gradient checkpointing), cached (reference log-probs precomputed), eager or sdpa "
+        "(transformers' attention instead of prospect's), e.g. prospect+packed+lean",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -290,7 +296,7 @@ def main() -> None:
                 result = run_trl(args.job, Path(args.data), args.max_length, args.steps, out, precompute)
             else:
                 name, *options = args.worker.split("+")
-                if name != "prospect" or not set(options) <= {"packed", "lean", "cached", "sdpa"}:
+                if name != "prospect" or not set(options) <= {"packed", "lean", "cached", "sdpa", "eager"}:
                     parser.error(f"unknown library {args.worker!r}")
                 result = run_prospect(
                     args.job, Path(args.data), args.max_length, args.steps, out, set(options)
@@ -332,7 +338,7 @@ def main() -> None:
     )
     header = (
         f"{'library':>22} {'tokens/s':>9} {'samples/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
-        f"{'% bf16':>7} {'% fp32':>7} {'step-1 loss':>11} {'setup s':>7}"
+        f"{'% bf16':>7} {'% fp32':>7} {'run % bf16':>10} {'step-1 loss':>11} {'setup s':>7}"
     )
     print(header)
     for library, r in results.items():
@@ -344,7 +350,8 @@ def main() -> None:
         print(
             f"{library:>22} {r['tokens_per_s']:>9.0f} {r['samples_per_s']:>9.2f} {r['step_seconds']:>7.2f} "
             f"{r['peak_rss_mb']:>11.0f} {gflops:>8.1f} {100 * gflops / peaks['bf16']:>6.1f}% "
-            f"{100 * gflops / peaks['fp32']:>6.1f}% {r['first_loss'] if r['first_loss'] is not None else float('nan'):>11.4f}"
+            f"{100 * gflops / peaks['fp32']:>6.1f}% {100 * gflops * r['computed_fraction'] / peaks['bf16']:>9.1f}% "
+            f"{r['first_loss'] if r['first_loss'] is not None else float('nan'):>11.4f}"
             f" {setup:>7}"
         )
     for name in results:

@@ -45,8 +45,9 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     attn_implementation: str = opt(
         "auto",
-        "Attention kernel: 'auto' (eager on CPU, where it beats SDPA for short sequences; transformers' "
-        "default elsewhere), or any name transformers accepts (eager, sdpa, flash_attention_2, ...).",
+        "Attention kernel: 'auto' (on CPU prospect_segments: each sequence attends within itself at its own "
+        "cost, eager attention where no layout is given; transformers' default elsewhere), or any name "
+        "transformers accepts (prospect_segments, eager, sdpa, flash_attention_2, ...).",
     )
 
 
@@ -150,7 +151,12 @@ class TrainConfig:
         1.0, "TR-DPO soft update: ref <- alpha * policy + (1 - alpha) * ref."
     )
     padding_free: bool = opt(
-        False, "Pack each microbatch into one row with per-sequence positions: no compute on padding."
+        False, "Pack each microbatch into rows with per-sequence positions: no compute on padding."
+    )
+    share_prompts: bool = opt(
+        True,
+        "With padding_free and prospect_segments attention: sequences with the same prompt (chosen and "
+        "rejected, ranked completions) compute it once.",
     )
     on_nonfinite: str = opt(
         "stop",

@@ -156,6 +156,8 @@ def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
     padded = make(tiny_model_dir, data, tmp_path / "pad", **{"loss.name": loss})
     packed = make(tiny_model_dir, data, tmp_path / "pack", **{"loss.name": loss, "train.padding_free": True})
+    if loss == "dpo":  # chosen and rejected share their prompt's forward
+        assert packed.make_batch(list(range(8))).sequences.layout.shares_prompts
     for trainer in (padded, packed):
         trainer.metrics, _ = trainer.accumulate_gradients()
     assert packed.metrics["loss"] == pytest.approx(padded.metrics["loss"], abs=1e-6)
@@ -192,3 +194,38 @@ def test_pack_fills_rows_first_fit_decreasing():
     assert seqs.attention_mask is None and seqs.tokens == 14 and seqs.num_sequences == 4
     wide = pack(prompts, completions, pad_id=0, width=16)  # everything in one row
     assert wide.input_ids.shape == (1, 14)
+
+
+def test_reference_linears_stored_in_bf16_give_identical_logps():
+    from prospect.models.reference import FrozenReference, frozen_copy, store_linears_in_bf16
+    from tests.conftest import build_model
+    from tests.test_scoring import example_sequences
+
+    model = build_model(64)
+    seqs = example_sequences(64)
+    want = FrozenReference(model, bf16=True, chunk=0)(seqs)
+    reference = frozen_copy(model)
+    assert store_linears_in_bf16(reference)
+    assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert reference.lm_head.weight.dtype == torch.float32  # the fp32 head and embeddings are kept
+    assert torch.equal(FrozenReference(reference, bf16=True, chunk=0)(seqs), want)
+    assert not torch.equal(FrozenReference(model, bf16=False, chunk=0)(seqs), want)  # bf16 really ran
+
+
+def test_a_model_that_upcasts_a_weight_keeps_its_linears_in_fp32():
+    from prospect.models.reference import store_linears_in_bf16
+    from tests.conftest import build_model
+
+    model = build_model(64)
+    layer = model.model.layers[0].mlp.down_proj
+
+    def upcast(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x.float(), layer.weight.float())
+
+    layer.forward = upcast
+    assert not store_linears_in_bf16(model)
+    assert (
+        layer.weight.dtype == torch.float32
+        and model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+    )

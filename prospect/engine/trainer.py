@@ -57,6 +57,7 @@ from prospect.evaluation.heldout import HeldOutResult, evaluate, print_report
 from prospect.evaluation.judges import get_judge
 from prospect.evaluation.rewards import RewardEval, evaluate_rewards, score_in_batches
 from prospect.losses.base import LossInputs, get_loss
+from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model
 from prospect.models.reference import (
     AdapterReference,
@@ -65,6 +66,7 @@ from prospect.models.reference import (
     frozen_copy,
     refresh_copy,
     resolve_reference_mode,
+    store_linears_in_bf16,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -280,6 +282,8 @@ class Trainer:
         if self.initial_model is None:
             return None
         self.initial_model.to(self.device)
+        if self.bf16 and not self.cfg.train.reference_refresh_every:  # a refreshed copy must stay fp32
+            store_linears_in_bf16(self.initial_model)
         return FrozenReference(self.initial_model, self.bf16, self.cfg.train.logprob_chunk)
 
     def counted(self, reference: Callable[[Sequences], torch.Tensor]) -> Callable[[Sequences], torch.Tensor]:
@@ -354,14 +358,15 @@ class Trainer:
     # ----- the loop -----------------------------------------------------------------------------
     def policy_token_logps(self, seqs: Sequences) -> torch.Tensor:
         """Through the wrapped module, so DDP/FSDP see every forward."""
-        return self.policy(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+        input_ids, attention_mask, position_ids, layout = seqs.model_inputs()
+        return self.policy(input_ids, attention_mask, seqs.completion_mask, position_ids, layout)
 
     def policy_logps(self, seqs: Sequences) -> torch.Tensor:
         return seqs.per_sequence(self.policy_token_logps(seqs))
 
     def make_batch(self, indices: list[int]) -> Batch:
         items = [self.data.items[i] for i in indices]
-        build = pack if self.cfg.train.padding_free else pad
+        build = self.build_sequences
         pad_id = self.tokenizer.pad_token_id
         if self.spec.data == "paired":
             return paired_batch(items, pad_id, build).to(self.device)
@@ -371,6 +376,18 @@ class Trainer:
             return rated_batch(items, pad_id, build).to(self.device)
         kl_fit = self.encoder.fit if self.spec.needs_kl_batch else None
         return unpaired_batch(items, pad_id, kl_fit, build).to(self.device)
+
+    def build_sequences(
+        self, prompts: list[list[int]], completions: list[list[int]], pad_id: int
+    ) -> Sequences:
+        t = self.cfg.train
+        if not t.padding_free:
+            return pad(prompts, completions, pad_id)
+        if not (t.share_prompts and uses_segments(self.model)):
+            return pack(prompts, completions, pad_id)
+        return pack(
+            prompts, completions, pad_id, share_prompts=True, attention_cost=attention_cost(self.model)
+        )
 
     def units(self, batch: Batch) -> int:
         return batch.units if self.spec.normalize == "units" else batch.sequences.completion_tokens
@@ -386,7 +403,7 @@ class Trainer:
     def reward_scores(self, seqs: Sequences) -> torch.Tensor:
         """One score per sequence, at its last non-pad token (as transformers' classifiers read it)."""
         positions = last_token_positions(seqs, self.tokenizer.pad_token_id)
-        return self.policy(seqs.input_ids, seqs.attention_mask, seqs.position_ids).flatten()[positions]
+        return self.policy(*seqs.model_inputs()).flatten()[positions]
 
     def microbatch_loss(self, batch: Batch, stats: StepStats) -> torch.Tensor:
         seqs = batch.sequences

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from prospect.assets import cache_dir, replace_dir, sha256_of
 from prospect.config import ModelConfig
 from prospect.errors import UserError
+from prospect.models import attention as segments
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,11 @@ def weight_kwargs(cfg: ModelConfig) -> dict:
 
 
 def attention_kwargs(cfg: ModelConfig) -> dict:
-    """'auto' means eager attention on CPU, where it beats SDPA for short sequences."""
+    """'auto' means prospect's segment attention on CPU (eager when no layout is given, as in generation),
+    transformers' default elsewhere."""
     attention = cfg.attn_implementation
     if attention == "auto":
-        attention = None if torch.cuda.is_available() else "eager"
+        attention = None if torch.cuda.is_available() else segments.NAME
     return {"attn_implementation": attention}
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from prospect.assets import cache_dir
 from prospect.data.batching import Sequences, pad
 from prospect.errors import UserError
-from prospect.models.scoring import TokenScorer
+from prospect.models.scoring import TokenScorer, split_head
 
 ReferenceFn = Callable[[Sequences], torch.Tensor]
 
@@ -34,6 +34,34 @@ def resolve_reference_mode(requested: str, lora: bool) -> str:
     if requested == "adapter" and not lora:
         raise UserError("train.reference=adapter needs a LoRA policy (model.lora_r > 0)")
     return requested
+
+
+def store_linears_in_bf16(model: nn.Module) -> bool:
+    """Under bf16 autocast every linear layer of the trunk casts its fp32 weight to bf16 at each forward.
+    A frozen reference can hold them in bf16 once: the same numbers, half their memory, no casts. Kept only
+    if a probe forward is bit-identical to the fp32-stored model's (a model whose code upcasts a weight
+    itself would fail it and stays fp32). Returns whether the weights were converted."""
+    trunk, _ = split_head(model)
+    if trunk is None:
+        return False
+    linears = [m for m in trunk.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32]
+    if not linears:
+        return False
+    device = next(model.parameters()).device
+    probe = torch.arange(16, device=device).unsqueeze(0) % getattr(model.config, "vocab_size", 16)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            return trunk(input_ids=probe, use_cache=False).last_hidden_state
+
+    want = run()
+    for module in linears:
+        module.to(torch.bfloat16)
+    if torch.equal(run(), want):
+        return True
+    for module in linears:
+        module.to(torch.float32)
+    return False
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -52,7 +80,7 @@ class FrozenReference:
 
     @torch.no_grad()
     def token_logps(self, seqs: Sequences) -> torch.Tensor:
-        return self.scorer(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
+        return self.scorer.token_logps(seqs)
 
     def __call__(self, seqs: Sequences) -> torch.Tensor:
         return seqs.per_sequence(self.token_logps(seqs))

@@ -23,6 +23,7 @@ from transformers import (
 from prospect.config import ModelConfig
 from prospect.data.batching import Sequences
 from prospect.errors import UserError
+from prospect.models.attention import SegmentLayout, model_inputs
 from prospect.models.loading import (
     attention_kwargs,
     first_line,
@@ -54,19 +55,18 @@ class ScalarScorer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
+        layout: SegmentLayout | None = None,
     ) -> torch.Tensor:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if position_ids is not None:
-            inputs.update(position_ids=position_ids, attention_mask=None)
+        inputs, context = model_inputs(self.trunk(), input_ids, attention_mask, position_ids, layout)
         device = input_ids.device.type
         autocast = torch.autocast(device, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with autocast:
+        with autocast, context:
             hidden = self.trunk()(**inputs).last_hidden_state
         with torch.autocast(device, enabled=False):
             return self.head(hidden.float()).squeeze(-1)
 
     def sequence_scores(self, seqs: Sequences, pad_id: int | None) -> torch.Tensor:
-        values = self(seqs.input_ids, seqs.attention_mask, seqs.position_ids)
+        values = self(*seqs.model_inputs())
         return values.flatten()[last_token_positions(seqs, pad_id)]
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prospect.data.batching import Sequences
+from prospect.models.attention import SegmentLayout, model_inputs
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits held at once by the chunked head (128 MB), whatever the vocabulary
 # Config attributes of models whose logits are not a plain linear projection of the last hidden state.
@@ -47,9 +48,10 @@ class TokenScorer(nn.Module):
         attention_mask: torch.Tensor | None,
         completion_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        layout: SegmentLayout | None = None,
     ) -> torch.Tensor:
         """Packed rows pass `position_ids` (restarting per sequence) and no attention mask."""
-        return self.compute(input_ids, attention_mask, completion_mask, position_ids).logps
+        return self.compute(input_ids, attention_mask, completion_mask, position_ids, layout).logps
 
     def compute(
         self,
@@ -57,6 +59,7 @@ class TokenScorer(nn.Module):
         attention_mask: torch.Tensor | None,
         completion_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        layout: SegmentLayout | None = None,
         entropy: bool = False,
         hidden: bool = False,
     ) -> TokenOutputs:
@@ -66,10 +69,8 @@ class TokenScorer(nn.Module):
         targets = input_ids[:, 1:]
         target_mask = completion_mask[:, 1:]
         trunk, head = split_head(self.model)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if position_ids is not None:
-            inputs.update(position_ids=position_ids, attention_mask=None)
-        with self.autocast():
+        inputs, context = model_inputs(self.model, input_ids, attention_mask, position_ids, layout)
+        with self.autocast(), context:
             if head is None:
                 output = self.model(**inputs, output_hidden_states=hidden)
                 states = output.hidden_states[-1] if hidden else None
@@ -105,9 +106,11 @@ class TokenScorer(nn.Module):
 
     def sequence_logps(self, seqs: Sequences) -> torch.Tensor:
         """Summed completion log-prob per sequence, [N]."""
-        return seqs.per_sequence(
-            self(seqs.input_ids, seqs.attention_mask, seqs.completion_mask, seqs.position_ids)
-        )
+        return seqs.per_sequence(self.token_logps(seqs))
+
+    def token_logps(self, seqs: Sequences) -> torch.Tensor:
+        input_ids, attention_mask, position_ids, layout = seqs.model_inputs()
+        return self(input_ids, attention_mask, seqs.completion_mask, position_ids, layout)
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
