@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -377,17 +378,20 @@ class Trainer:
         kl_fit = self.encoder.fit if self.spec.needs_kl_batch else None
         return unpaired_batch(items, pad_id, kl_fit, build).to(self.device)
 
+    @functools.cached_property
+    def prompt_sharing_cost(self) -> float | None:
+        """The attention cost that plans shared prompts, or None when prompts are not shared."""
+        if self.cfg.train.share_prompts and uses_segments(self.model):
+            return attention_cost(self.model)
+        return None
+
     def build_sequences(
         self, prompts: list[list[int]], completions: list[list[int]], pad_id: int
     ) -> Sequences:
-        t = self.cfg.train
-        if not t.padding_free:
+        if not self.cfg.train.padding_free:
             return pad(prompts, completions, pad_id)
-        if not (t.share_prompts and uses_segments(self.model)):
-            return pack(prompts, completions, pad_id)
-        return pack(
-            prompts, completions, pad_id, share_prompts=True, attention_cost=attention_cost(self.model)
-        )
+        cost = self.prompt_sharing_cost
+        return pack(prompts, completions, pad_id, share_prompts=cost is not None, attention_cost=cost or 0.0)
 
     def units(self, batch: Batch) -> int:
         return batch.units if self.spec.normalize == "units" else batch.sequences.completion_tokens

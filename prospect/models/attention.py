@@ -45,7 +45,7 @@ class SegmentLayout:
 
     def additive_mask(self, width: int, device: torch.device) -> torch.Tensor:
         """[rows, 1, width, width] fp32: 0 where a token may attend, the fp32 minimum elsewhere."""
-        key = ("additive", width, device)
+        key = (width, device)
         if key not in self.masks:
             allowed = torch.zeros(len(self.rows), width, width, dtype=torch.bool, device=device)
             for r, spans in enumerate(self.rows):
@@ -113,9 +113,13 @@ AttentionInterface.register(NAME, segment_attention)
 AttentionMaskInterface.register(NAME, segment_mask)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def uses_segments(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
+    return getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", None) == NAME
 
 
 EAGER_ATTENTION_FACTOR = 3.0  # eager attention's cost per FLOP against the linear layers' (fp32 softmax)
@@ -125,7 +129,7 @@ def attention_cost(model: torch.nn.Module) -> float:
     """What one attended (query, key) pair costs relative to one token through the linear layers: 4 * hidden
     FLOPs per layer for QK^T and AV at EAGER_ATTENTION_FACTOR times the matmuls' cost per FLOP, against
     2 * (parameters per layer). About 1e-3 for SmolLM2-135M, so a 512-token row costs 1.5x its tokens."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     config = base.config
     embeddings = base.get_input_embeddings().weight.numel()
     per_layer = (sum(p.numel() for p in base.parameters()) - embeddings) / config.num_hidden_layers

@@ -23,7 +23,7 @@ from transformers import (
 from prospect.config import ModelConfig
 from prospect.data.batching import Sequences
 from prospect.errors import UserError
-from prospect.models.attention import SegmentLayout, model_inputs
+from prospect.models.attention import SegmentLayout, model_inputs, unwrapped
 from prospect.models.loading import (
     attention_kwargs,
     first_line,
@@ -47,7 +47,7 @@ class ScalarScorer(nn.Module):
         self.bf16 = bf16
 
     def trunk(self) -> nn.Module:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = unwrapped(self.model)
         return base.base_model if base.base_model is not base else base
 
     def forward(

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prospect.data.batching import Sequences
-from prospect.models.attention import SegmentLayout, model_inputs
+from prospect.models.attention import SegmentLayout, model_inputs, unwrapped
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits held at once by the chunked head (128 MB), whatever the vocabulary
 # Config attributes of models whose logits are not a plain linear projection of the last hidden state.
@@ -115,7 +115,7 @@ class TokenScorer(nn.Module):
 
 def split_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
     """(trunk, output projection) when logits are a plain linear map of the trunk's output, else (None, None)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)
     if not isinstance(head, nn.Linear) or any(
