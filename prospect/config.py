@@ -136,8 +136,9 @@ class TrainConfig:
     reference_cache: bool = opt(
         False,
         "Compute every reference log-prob the run needs once, before training, and keep them on disk "
-        "(safetensors, keyed by sequence content); later runs on the same model, tokenizer, truncation and "
-        "precision reuse them.",
+        "(safetensors, keyed by sequence content); later runs on the same model, tokenizer, truncation, "
+        "precision and attention reuse them. bf16 with train.padding_free keys each value by the microbatch "
+        "it is trained in, since a packed row's rounding depends on its layout.",
     )
     reference_model: str | None = opt(
         None,

@@ -136,6 +136,37 @@ def test_two_processes_match_one(loss, launcher, tiny_model_dir, tmp_path):
         assert worst < 1e-2
 
 
+def test_two_processes_fill_a_packed_bf16_reference_cache_like_one(tiny_model_dir, tmp_path):
+    """Each process precomputes the reference for its own microbatches, laid out as it will train on them; the
+    gathered cache holds the same values as one process accumulating both microbatches computes alone."""
+    from prospect.models.reference import ReferenceCache
+
+    rows = paired_rows(32)
+    for i, row in enumerate(rows):
+        row["rejected"] = (row["rejected"] + " ") * (6 if i % 3 == 0 else 1)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    options = {
+        "loss.name": "dpo",
+        "train.max_steps": 3,
+        "train.batch_size": 4,
+        "train.precision": "bf16",
+        "train.padding_free": True,
+        "train.reference_cache": True,
+    }
+    runs = {"one": ({"train.grad_accum": 2}, None), "two": ({}, torchrun(2))}
+    tables = {}
+    for name, (extra, launcher) in runs.items():
+        env = {"PROSPECT_CACHE": str(tmp_path / f"cache-{name}")}
+        done = cli(tiny_overrides(tiny_model_dir, data, tmp_path / name, **options, **extra), env, launcher)
+        assert done.returncode == 0, done.stderr
+        assert "0 known, 48 computed" in done.stdout  # 3 steps x 8 pairs x 2 sequences
+        (path,) = (tmp_path / f"cache-{name}" / "reference").glob("*.safetensors")
+        tables[name] = ReferenceCache(path.stem, path.parent, by_layout=True).table
+    assert tables["one"] == tables["two"]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "cpu_2proc"])
 def test_shipped_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file

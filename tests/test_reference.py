@@ -24,6 +24,15 @@ def pairs_file(tmp_path):
 
 
 @pytest.fixture
+def varied_pairs_file(tmp_path):
+    """Pairs whose completions vary six-fold in length, so packed rows hold several sequences."""
+    rows = paired_rows(24)
+    for i, row in enumerate(rows):
+        row["rejected"] = (row["rejected"] + " ") * (6 if i % 3 == 0 else 1)
+    return write_jsonl(tmp_path / "varied_pairs.jsonl", rows)
+
+
+@pytest.fixture
 def cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PROSPECT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "reference"
@@ -74,6 +83,49 @@ def test_cache_follows_content_not_position(tiny_model_dir, kto_file, cache_home
     assert targets <= known
     other.precompute_reference()
     assert other.cache.computed == len(planned - known) > 0
+
+
+@pytest.mark.parametrize(("loss", "data"), [("kto", "kto_file"), ("dpo", "varied_pairs_file")])
+def test_packed_bf16_cache_equals_the_live_reference_bit_for_bit(
+    loss, data, tiny_model_dir, cache_home, tmp_path, request
+):
+    """In bf16 a packed sequence's log-prob depends on where it sits in its row, so the cache is filled
+    with the very microbatches training will see (two of them per step here) and keyed by them."""
+    options = {
+        "loss.name": loss,
+        "train.padding_free": True,
+        "train.precision": "bf16",
+        "train.reference_cache": True,
+        "train.batch_size": 4,
+        "train.grad_accum": 2,
+        "train.max_steps": 3,
+    }
+    data = request.getfixturevalue(data)
+    trainer = make(tiny_model_dir, data, tmp_path / "run", **options)
+    trainer.precompute_reference()
+    assert trainer.cache.by_layout and trainer.cache.computed > 0
+    checked, shared, packed = 0, False, False
+    for seqs in trainer.planned_batches(rank=0):
+        assert torch.equal(trainer.reference(seqs), trainer.live_reference(seqs))
+        checked += seqs.num_sequences
+        shared |= seqs.layout.shares_prompts
+        packed |= seqs.input_ids.shape[0] < seqs.num_sequences
+    assert checked == trainer.cache.computed == len(trainer.cache.table)
+    assert packed and (shared or loss != "dpo")  # rows really hold several sequences; DPO shares prompts
+    # the same sequences in another batch are another key: the cache never answers for a layout it did not run
+    _, indices = next(trainer.planned_microbatches())
+    with pytest.raises(RuntimeError, match="reference cache miss"):
+        trainer.reference(trainer.make_batch(indices[::-1]).sequences)
+    # a second run of the recipe reads everything from disk and trains exactly as the live reference does
+    trainer.train()
+    again = make(tiny_model_dir, data, tmp_path / "again", **options)
+    again.train()
+    assert again.reference_forwards == 0
+    live = make(tiny_model_dir, data, tmp_path / "live", **{**options, "train.reference_cache": False})
+    live.train()
+    for run in ("again", "live"):
+        a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("run", run))
+        assert all(torch.equal(a[k], b[k]) for k in a), run
 
 
 def test_cache_needs_a_reference_loss(tiny_model_dir, pairs_file, tmp_path):

@@ -58,7 +58,7 @@ from prospect.evaluation.heldout import HeldOutResult, evaluate, print_report
 from prospect.evaluation.judges import get_judge
 from prospect.evaluation.rewards import RewardEval, evaluate_rewards, score_in_batches
 from prospect.losses.base import LossInputs, get_loss
-from prospect.models.attention import attention_cost, uses_segments
+from prospect.models.attention import attention_cost, unwrapped, uses_segments
 from prospect.models.loading import load_model
 from prospect.models.reference import (
     AdapterReference,
@@ -134,12 +134,6 @@ class Trainer:
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_supported(self.device))
         if t.precision == "bf16" and not bf16_supported(self.device):
             log.warning("bf16 requested but %s has no fast bf16 matmuls; it will be slow", self.device)
-        if t.reference_cache and t.padding_free and self.bf16:
-            raise UserError(
-                "train.reference_cache with train.padding_free: in bf16 a sequence's log-prob depends on where "
-                "it sits in a packed row, so cached reference values would not match the policy's; drop one of "
-                "the two or set train.precision=fp32"
-            )
         self.reward_model = self.spec.model == "reward"
         model, self.tokenizer = (load_reward_model if self.reward_model else load_model)(config.model)
         self.control_ids = self.add_control_tokens(model)
@@ -295,63 +289,81 @@ class Trainer:
         return run
 
     # ----- reference cache ----------------------------------------------------------------------
-    def planned_sequences(self) -> Iterator[tuple[bytes, list[int], list[int]]]:
-        """Every sequence the reference will be asked about from this step to the end of the run, on every
-        process, in the run's own batch order (so KTO's mismatched pairs are exactly the ones trained on)."""
+    def planned_microbatches(self) -> Iterator[tuple[int, list[int]]]:
+        """(process rank, example indices) of every microbatch from this step to the end of the run."""
         t = self.cfg.train
         for step in range(self.step, self.total_steps):
             indices = step_indices(len(self.data.items), self.global_batch, t.seed, step)
             for micro in range(t.grad_accum):
                 for rank in range(self.world):
-                    items = [
-                        self.data.items[i]
-                        for i in microbatch_slice(indices, micro, rank, self.world, t.batch_size)
-                    ]
-                    if self.spec.data == "paired":
-                        pairs = [(it.prompt_ids, c) for it in items for c in (it.chosen_ids, it.rejected_ids)]
-                    else:
-                        pairs = [(it.prompt_ids, it.completion_ids) for it in items]
-                        if self.spec.needs_kl_batch:
-                            pairs += [
-                                (m.prompt_ids, m.completion_ids) for m in mismatched(items, self.encoder.fit)
-                            ]
-                    for prompt, completion in pairs:
-                        yield sequence_key(prompt, completion), prompt, completion
+                    yield rank, microbatch_slice(indices, micro, rank, self.world, t.batch_size)
 
-    def precompute_reference(self) -> None:
-        """Fill the on-disk cache with every reference log-prob the run needs; then serve from it."""
-        reference_model = self.initial_model if self.initial_model is not None else self.peft_model
-        fingerprint = "-".join(
+    def planned_sequences(self) -> Iterator[tuple[bytes, list[int], list[int]]]:
+        """Every sequence the reference will be asked about from this step to the end of the run, on every
+        process, in the run's own batch order (so KTO's mismatched pairs are exactly the ones trained on)."""
+        for _, indices in self.planned_microbatches():
+            items = [self.data.items[i] for i in indices]
+            if self.spec.data == "paired":
+                pairs = [(it.prompt_ids, c) for it in items for c in (it.chosen_ids, it.rejected_ids)]
+            else:
+                pairs = [(it.prompt_ids, it.completion_ids) for it in items]
+                if self.spec.needs_kl_batch:
+                    pairs += [(m.prompt_ids, m.completion_ids) for m in mismatched(items, self.encoder.fit)]
+            for prompt, completion in pairs:
+                yield sequence_key(prompt, completion), prompt, completion
+
+    def planned_batches(self, rank: int) -> Iterator[Sequences]:
+        """The sequences of each microbatch process `rank` will train on, laid out as in training."""
+        for owner, indices in self.planned_microbatches():
+            if owner == rank:
+                batch = self.make_batch(indices)
+                yield from (s for s in (batch.sequences, batch.kl_sequences) if s is not None)
+
+    def reference_fingerprint(self) -> str:
+        """What the reference log-probs depend on: weights, tokenizer, truncation, precision, attention, and
+        in bf16 the packing (see ReferenceCache)."""
+        model = self.initial_model if self.initial_model is not None else self.peft_model
+        packing = "shared" if self.prompt_sharing_cost is not None else "packed"
+        return "-".join(
             [
-                weights_fingerprint(reference_model)[:16],
+                weights_fingerprint(model)[:16],
                 tokenizer_fingerprint(self.tokenizer)[:8],
                 f"len{self.cfg.data.max_length}p{self.cfg.data.max_prompt_length}",
                 "bf16" if self.bf16 else "fp32",
+                str(getattr(unwrapped(model).config, "_attn_implementation", "")),
+                *([packing] if self.cache_by_layout else []),
             ]
         )
-        cache = ReferenceCache(fingerprint)
-        missing = cache.missing(self.planned_sequences())
+
+    @property
+    def cache_by_layout(self) -> bool:
+        """In bf16 a packed sequence's log-prob depends on where it sits in its row."""
+        return self.bf16 and self.cfg.train.padding_free
+
+    def precompute_reference(self) -> None:
+        """Fill the on-disk cache with every reference log-prob the run needs; then serve from it."""
+        cache = ReferenceCache(self.reference_fingerprint(), by_layout=self.cache_by_layout)
         acc = self.accelerator
-        mine = missing[acc.process_index :: self.world]
-        if acc.is_main_process:
-            print(
-                f"reference cache {cache.path.name}: {len(cache.table)} cached, {len(missing)} to compute",
-                flush=True,
-            )
-        bar = tqdm(
-            total=len(mine),
-            desc="reference log-probs",
-            disable=not (acc.is_main_process and sys.stderr.isatty()),
-        )
+        show = acc.is_main_process and sys.stderr.isatty()
         before = dict(cache.table)
-        cache.fill(mine, self.reference, self.tokenizer.pad_token_id, self.device, progress=bar.update)
+        if cache.by_layout:  # each process runs its own microbatches, exactly as it will train on them
+            count = (self.total_steps - self.step) * self.cfg.train.grad_accum
+            bar = tqdm(total=count, desc="reference log-probs (microbatches)", disable=not show)
+            cache.fill_batches(self.planned_batches(acc.process_index), self.reference, progress=bar.update)
+        else:  # every sequence once, length-sorted, shared out among processes
+            missing = cache.missing(self.planned_sequences())
+            mine = missing[acc.process_index :: self.world]
+            bar = tqdm(total=len(mine), desc="reference log-probs", disable=not show)
+            cache.fill(mine, self.reference, self.tokenizer.pad_token_id, self.device, progress=bar.update)
         bar.close()
         new = [(k, v) for k, v in cache.table.items() if k not in before]
         if self.world > 1:
             new = gather_object(new)
         cache.table.update(new)
-        if missing and acc.is_main_process:
-            cache.save()
+        if acc.is_main_process:
+            print(f"reference cache {cache.path.name}: {len(before)} known, {len(new)} computed", flush=True)
+            if new:
+                cache.save()
         acc.wait_for_everyone()
         self.cache = cache
         self.reference = cache.lookup

@@ -4,7 +4,10 @@ Three ways to get log pi_ref(y|x) for a batch of sequences:
 - a frozen copy of the initial policy (optionally refreshed from the policy every N steps, TR-DPO);
 - the LoRA policy with its adapter disabled, so no second copy of the weights is held;
 - a cache filled once in a no-grad pass and stored in safetensors, keyed by each sequence's content
-  (never by position), under a fingerprint of the reference weights, tokenizer, truncation and precision.
+  (never by position), under a fingerprint of the reference weights, tokenizer, truncation, precision and
+  attention. In bf16 a packed row rounds a sequence by where it sits, so there the key is the content of
+  the whole microbatch the sequence is trained in (`by_layout`), and the cache is filled with those very
+  microbatches.
 """
 
 from __future__ import annotations
@@ -130,11 +133,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-class ReferenceCache:
-    """Reference log-probs by sequence key, in one safetensors file per fingerprint."""
+def layout_keys(keys: list[bytes]) -> list[bytes]:
+    """Each sequence's place in the batch joined with the keys of the whole batch, in order: a packed
+    batch's layout is a function of them (and of the packing settings, which the fingerprint holds). Two
+    copies of a sequence in one batch sit in different places, so they get different keys."""
+    batch = hashlib.blake2b(b"".join(keys), digest_size=16).digest()
+    return [
+        hashlib.blake2b(batch + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(len(keys))
+    ]
 
-    def __init__(self, fingerprint: str, directory: Path | None = None):
+
+class ReferenceCache:
+    """Reference log-probs by sequence key, in one safetensors file per fingerprint. With `by_layout`, by
+    the key of the sequence within its batch (see `layout_keys`)."""
+
+    def __init__(self, fingerprint: str, directory: Path | None = None, by_layout: bool = False):
         self.path = (directory or cache_dir() / "reference") / f"{fingerprint}.safetensors"
+        self.by_layout = by_layout
         self.table: dict[bytes, float] = {}
         if self.path.is_file():
             tensors = load_file(str(self.path))
@@ -173,6 +188,24 @@ class ReferenceCache:
             if progress:
                 progress(len(chunk))
 
+    def keys(self, seqs: Sequences) -> list[bytes]:
+        return layout_keys(seqs.keys) if self.by_layout else seqs.keys
+
+    def fill_batches(
+        self,
+        batches: Iterable[Sequences],
+        reference: ReferenceFn,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Run the reference on each batch as it is laid out, unless every value is known already."""
+        for seqs in batches:
+            keys = self.keys(seqs)
+            if any(k not in self.table for k in keys):
+                self.table.update(zip(keys, reference(seqs).tolist()))
+                self.computed += len(keys)
+            if progress:
+                progress(1)
+
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self.table)
@@ -186,7 +219,7 @@ class ReferenceCache:
 
     def lookup(self, seqs: Sequences) -> torch.Tensor:
         try:
-            values = [self.table[k] for k in seqs.keys]
+            values = [self.table[k] for k in self.keys(seqs)]
         except KeyError:
             raise RuntimeError("reference cache miss: a sequence was not precomputed") from None
         return torch.tensor(values, dtype=torch.float32, device=seqs.input_ids.device)
