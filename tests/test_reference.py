@@ -50,6 +50,7 @@ def test_second_run_reuses_the_cache(loss, data, tiny_model_dir, cache_home, tmp
     second = make(tiny_model_dir, data, tmp_path / "b", **options)
     second.train()
     assert second.reference_forwards == 0  # every reference log-prob, KTO's KL pairs included, came from disk
+    assert first.initial_model is None and first.live_reference is None  # no held-out KL: the copy is freed
     straight, cached = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("a", "b"))
     assert all(torch.equal(straight[k], cached[k]) for k in straight)
     third = make(tiny_model_dir, data, tmp_path / "c", **options, **{"data.max_length": 40})

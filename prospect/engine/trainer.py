@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -368,6 +369,13 @@ class Trainer:
         self.cache = cache
         self.reference = cache.lookup
 
+    def release_reference_copy(self) -> None:
+        """Once the cache answers for the loss, a frozen copy is kept only for the held-out KL."""
+        if self.cfg.eval.num_prompts > 0 or self.initial_model is None:
+            return
+        self.initial_model = self.live_reference = None
+        gc.collect()
+
     # ----- the loop -----------------------------------------------------------------------------
     def policy_token_logps(self, seqs: Sequences) -> torch.Tensor:
         """Through the wrapped module, so DDP/FSDP see every forward."""
@@ -525,6 +533,7 @@ class Trainer:
         )
         if t.reference_cache:
             self.precompute_reference()
+            self.release_reference_copy()
         self.print_banner()
         bar = tqdm(
             total=self.total_steps,
