@@ -348,8 +348,9 @@ class Trainer:
         show = acc.is_main_process and sys.stderr.isatty()
         before = dict(cache.table)
         if cache.by_layout:  # each process runs its own microbatches, exactly as it will train on them
-            count = (self.total_steps - self.step) * self.cfg.train.grad_accum
-            bar = tqdm(total=count, desc="reference log-probs (microbatches)", disable=not show)
+            per_microbatch = 2 if self.spec.needs_kl_batch else 1  # KTO: the target and the KL batch
+            count = (self.total_steps - self.step) * self.cfg.train.grad_accum * per_microbatch
+            bar = tqdm(total=count, desc="reference log-probs (batches)", disable=not show)
             cache.fill_batches(self.planned_batches(acc.process_index), self.reference, progress=bar.update)
         else:  # every sequence once, length-sorted, shared out among processes
             missing = cache.missing(self.planned_sequences())
