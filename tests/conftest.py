@@ -123,6 +123,15 @@ def paired_rows(n: int = 24, conversational: bool = False) -> list[dict]:
     return rows
 
 
+def varied_paired_rows(n: int = 24) -> list[dict]:
+    """Pairs whose rejected completions are six times as long in one row of three, so packed rows hold
+    several sequences."""
+    rows = paired_rows(n)
+    for i, row in enumerate(rows):
+        row["rejected"] = (row["rejected"] + " ") * (6 if i % 3 == 0 else 1)
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import paired_rows, tiny_overrides, write_jsonl
+from tests.conftest import paired_rows, tiny_overrides, varied_paired_rows, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -141,10 +141,7 @@ def test_two_processes_fill_a_packed_bf16_reference_cache_like_one(tiny_model_di
     gathered cache holds the same values as one process accumulating both microbatches computes alone."""
     from prospect.models.reference import ReferenceCache
 
-    rows = paired_rows(32)
-    for i, row in enumerate(rows):
-        row["rejected"] = (row["rejected"] + " ") * (6 if i % 3 == 0 else 1)
-    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    data = write_jsonl(tmp_path / "pairs.jsonl", varied_paired_rows(32))
     options = {
         "loss.name": "dpo",
         "train.max_steps": 3,

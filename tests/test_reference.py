@@ -11,7 +11,7 @@ from prospect.config import load_config
 from prospect.data.batching import pack, pad, paired_batch, sequence_key, step_indices, unpaired_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
-from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, write_jsonl
+from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, varied_paired_rows, write_jsonl
 
 
 def make(tiny_model_dir, data, out, **extra) -> Trainer:
@@ -25,11 +25,7 @@ def pairs_file(tmp_path):
 
 @pytest.fixture
 def varied_pairs_file(tmp_path):
-    """Pairs whose completions vary six-fold in length, so packed rows hold several sequences."""
-    rows = paired_rows(24)
-    for i, row in enumerate(rows):
-        row["rejected"] = (row["rejected"] + " ") * (6 if i % 3 == 0 else 1)
-    return write_jsonl(tmp_path / "varied_pairs.jsonl", rows)
+    return write_jsonl(tmp_path / "varied_pairs.jsonl", varied_paired_rows(24))
 
 
 @pytest.fixture

@@ -324,7 +324,9 @@ class Trainer:
         """What the reference log-probs depend on: weights, tokenizer, truncation, precision, attention, and
         in bf16 the packing (see ReferenceCache)."""
         model = self.initial_model if self.initial_model is not None else self.peft_model
-        packing = "shared" if self.prompt_sharing_cost is not None else "packed"
+        packing = []
+        if self.cache_by_layout:
+            packing = ["shared" if self.prompt_sharing_cost is not None else "packed"]
         return "-".join(
             [
                 weights_fingerprint(model)[:16],
@@ -332,7 +334,7 @@ class Trainer:
                 f"len{self.cfg.data.max_length}p{self.cfg.data.max_prompt_length}",
                 "bf16" if self.bf16 else "fp32",
                 str(getattr(unwrapped(model).config, "_attn_implementation", "")),
-                *([packing] if self.cache_by_layout else []),
+                *packing,
             ]
         )
 
