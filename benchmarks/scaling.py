@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from prospect.data.batching import pack, pad
+from prospect.data.batching import pad
+from prospect.data.packing import pack
 from prospect.models.scoring import TokenScorer
 
 WIDTH, ROWS = 512, 8

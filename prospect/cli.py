@@ -18,14 +18,13 @@ DEMO_RECIPE = "kto_smollm2_vader"
 
 
 def loss_options() -> str:
-    from prospect.losses.base import LOSSES, get_loss
+    from prospect.losses import LOSSES
 
-    get_loss("kto")  # registers the built-in losses
     lines = ["loss (choose with loss.name):"]
     for name, spec in sorted(LOSSES.items()):
         needs = ["reference model" if spec.needs_reference else "no reference", f"{spec.data} data"]
-        if spec.needs_kl_batch:
-            needs.append("KL batch of mismatched pairs")
+        if spec.reference_point is not None:
+            needs.append(spec.reference_point.summary)
         lines.append(f"  {name}: {spec.describe()}")
         lines.append(f"      needs: {', '.join(needs)}")
         for f in dataclasses.fields(spec.params):
@@ -96,7 +95,7 @@ def run(argv: list[str] | None = None) -> int:
         print(all_options())
         return 0
     if args.command == "score":
-        from prospect.evaluation.rewards import score_file
+        from prospect.rewards import score_file
 
         n = score_file(
             args.model, args.data, args.output, args.max_length, args.overwrite, args.trust_remote_code
@@ -112,6 +111,9 @@ def run(argv: list[str] | None = None) -> int:
         overrides.append(f"train.output_dir=runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides += ["train.resume=true"] * args.resume + ["train.overwrite=true"] * args.overwrite
     config = load_config(DEMO_RECIPE if args.command == "demo" else args.config, overrides)
+    from prospect.losses import get_loss
+
+    get_loss(config.loss_name).make_params(config.loss, f"{config.source}: loss")  # before anything loads
 
     if args.command == "loop":
         from prospect.online.rounds import run_loop

@@ -6,8 +6,6 @@ Every option is declared once, with its help text, so `prospect train --help` do
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +14,14 @@ from typing import Any
 import yaml
 
 from prospect.errors import UserError
-
-
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text (and allowed values, for strings)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+from prospect.options import (
+    build_section,
+    describe_section,
+    opt,
+    parse_override,
+    plain_value,
+    suggest,
+)
 
 
 @dataclass
@@ -208,6 +209,7 @@ class OnlineConfig:
     temperature: float = opt(1.0, "Sampling temperature of rollouts (1.0 samples the policy itself).")
     top_p: float = opt(1.0, "Nucleus sampling threshold of rollouts.")
     top_k: int = opt(0, "Top-k cut of rollouts (0: none).")
+    batch_size: int = opt(32, "Completions generated at once in rollouts, best-of-N and online rounds.")
     sampler: str = opt(
         "hf", "Sampling backend: 'hf' (transformers generate) or 'vllm' (GPU, if installed).", ("hf", "vllm")
     )
@@ -300,87 +302,12 @@ class Config:
 
     @property
     def loss_name(self) -> str:
-        return self.loss["name"]
+        return str(self.loss["name"])
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["loss"] = dict(self.loss)
         return out
-
-
-def coerce(value: Any, annotation: Any, where: str, choices: tuple[str, ...] | None = None) -> Any:
-    """Check `value` against a field's type, accepting ints for floats; raise a one-line UserError."""
-    if isinstance(value, CommandLineText):
-        if annotation is str or (value.strip() and str in typing.get_args(annotation) and value != "null"):
-            value = str(value)
-        else:
-            try:
-                value = yaml.safe_load(value) if value.strip() else None
-            except yaml.YAMLError:
-                value = str(value)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return coerce(value, inner, where, choices)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected a whole number, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
-        if choices and value not in choices:
-            raise UserError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {annotation}")
-
-
-def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate a config dataclass from a mapping, rejecting unknown keys with a suggestion."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise UserError(f"{where}: unknown option '{key}'{suggest(key, known)}")
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}", known[key].metadata.get("choices"))
-    return cls(**kwargs)
-
-
-def suggest(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.learning_rate=1e-5` -> (['train', 'learning_rate'], '1e-5'), typed later by the option."""
-    if "=" not in text:
-        raise UserError(f"override '{text}': expected section.key=value, e.g. train.learning_rate=1e-5")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise UserError(f"override '{text}': expected section.key=value, e.g. loss.beta=0.2")
-    return parts, CommandLineText(raw)
-
-
-class CommandLineText(str):
-    """An override value as typed; read as YAML unless the option is a string."""
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -412,7 +339,7 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         if section == "loss":
             if not isinstance(values, dict):
                 raise UserError(f"{source}: section 'loss' must be a mapping with at least 'name'")
-            config.loss = typed_loss_options({"name": "kto", **values}, source)
+            config.loss = {"name": "kto", **{key: plain_value(value) for key, value in values.items()}}
             continue
         if section not in SECTIONS:
             raise UserError(f"{source}: unknown section '{section}'{suggest(section, [*SECTIONS, 'loss'])}")
@@ -420,15 +347,6 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
             raise UserError(f"{source}: section '{section}' must be a mapping")
         setattr(config, section, build_section(SECTIONS[section], values, f"{source}: {section}"))
     return config
-
-
-def typed_loss_options(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check the loss name and its options against the loss's own parameter declarations."""
-    from prospect.losses.base import get_loss
-
-    name = str(values["name"])
-    params = get_loss(name).make_params(values, f"{source}: loss")
-    return {"name": name, **{k: getattr(params, k) for k in values if k != "name"}}
 
 
 def resolve_recipe(path: str) -> Path:
@@ -446,13 +364,9 @@ def resolve_recipe(path: str) -> Path:
 
 
 def describe_options() -> str:
-    """Every option with its default and help, for `--help`."""
+    """Every option with its default and help, for `--help` (the loss's own options are listed by the CLI)."""
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            choices = f.metadata.get("choices")
-            allowed = f" [{'|'.join(choices)}]" if choices else ""
-            lines.append(f"  {section}.{f.name} = {f.default!r}{allowed}")
-            lines.append(f"      {f.metadata['help']}")
+        lines.extend(describe_section(section, cls))
     return "\n".join(lines)

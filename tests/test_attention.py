@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prospect.data.batching import pack, pad
+from prospect.data.batching import pad
+from prospect.data.layout import SegmentLayout, Span
+from prospect.data.packing import pack
 from prospect.models import attention
-from prospect.models.attention import SegmentLayout, Span
 from prospect.models.scoring import TokenScorer
 from tests.conftest import build_model
 
@@ -103,7 +104,7 @@ def test_without_a_layout_it_is_eager_attention_with_a_mask():
 def test_reward_scores_with_shared_prompts_equal_padded():
     from transformers import LlamaForSequenceClassification
 
-    from prospect.models.reward import ScalarScorer
+    from prospect.models.scalar_head import ScalarScorer
 
     base = build_model(64)
     base.config.num_labels = 1

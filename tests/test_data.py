@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from prospect.config import DataConfig
-from prospect.data.batching import microbatch_slice, step_indices, unpaired_batch
+from prospect.data.batching import microbatch_slice, pad, step_indices
 from prospect.data.convert import unpair
 from prospect.data.formats import parse_rows
 from prospect.data.pipeline import read_training
+from prospect.data.shapes import make_batch
 from prospect.data.tokenize import Encoded, Encoder
 from prospect.errors import UserError
+from prospect.losses.kto import MismatchedPairsKL
 from tests.conftest import paired_rows, unpaired_rows, write_jsonl
 
 
@@ -123,8 +125,9 @@ def test_truncation_keeps_prompt_end_then_completion_start(tiny_tokenizer):
 
 def test_kl_batch_pairs_each_prompt_with_the_next_completion():
     items = [Encoded([1, 10 + i], [20 + i, 30 + i, 2][: 2 + i % 2], i % 2 == 0, f"r{i}") for i in range(3)]
-    batch = unpaired_batch(items, pad_id=0, kl_fit=lambda e: e)
-    kl = batch.kl_sequences
+    batch = make_batch(items, "unpaired", pad_id=0)
+    shifted = MismatchedPairsKL().sequences(items, fit=lambda e: e)
+    kl = pad([s.prompt_ids for s in shifted], [s.completion_ids for s in shifted], pad_id=0)
     for i in range(3):
         j = (i + 1) % 3
         expected = items[i].prompt_ids + items[j].completion_ids

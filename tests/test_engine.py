@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prospect.config import load_config
-from prospect.data.batching import unpaired_batch
+from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
 from tests.conftest import tiny_overrides
@@ -23,7 +24,7 @@ def make_trainer(tiny_model_dir, data, out, callbacks=None, **extra) -> Trainer:
 def mean_logps(trainer: Trainer) -> tuple[float, float]:
     """Mean summed log-prob of the desirable and of the undesirable training completions."""
     items = trainer.data.items
-    batch = unpaired_batch(items, trainer.tokenizer.pad_token_id, None)
+    batch = make_batch(items, "unpaired", trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         logps = trainer.accelerator.unwrap_model(trainer.policy).sequence_logps(batch.sequences)
     return logps[batch.labels].mean().item(), logps[~batch.labels].mean().item()
@@ -52,6 +53,23 @@ def test_kto_raises_desirable_and_lowers_undesirable(tiny_model_dir, kto_file, t
         "tokens_per_s",
     ):
         assert key in first
+
+
+@pytest.mark.parametrize("loss", ["kto_zero", "kto_logsigmoid"])
+def test_kto_variants_train_in_the_right_direction(loss, tiny_model_dir, kto_file, tmp_path):
+    """The HALO variants added through the spec alone: KTO-zero runs no KL batch (its reference point is 0)."""
+    trainer = make_trainer(
+        tiny_model_dir, kto_file, tmp_path / "run", **{"train.max_steps": 20, "loss.name": loss}
+    )
+    batch = trainer.make_batch(list(range(4)))
+    assert (batch.point_sequences is None) == (loss == "kto_zero")
+    desirable_before, undesirable_before = mean_logps(trainer)
+    trainer.train()
+    desirable_after, undesirable_after = mean_logps(trainer)
+    assert desirable_after > desirable_before + 1.0 and undesirable_after < undesirable_before - 1.0
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert ("kl" in first) == (loss != "kto_zero")
+    assert first["loss"] == pytest.approx(0.5 if loss == "kto_zero" else math.log(2))  # value(0) at step 0
 
 
 def test_accumulation_equals_one_big_batch(tiny_model_dir, kto_file, tmp_path):
@@ -161,10 +179,14 @@ def test_lora_reference_is_the_policy_without_its_adapter(tiny_model_dir, kto_fi
     assert trainer.reference_mode == "adapter" and trainer.initial_model is None
     batch = trainer.make_batch(list(range(4)))
     before = trainer.reference(batch.sequences)
-    assert torch.equal(before, trainer.policy_logps(batch.sequences).detach())  # B = 0 at the start
+    assert torch.equal(
+        before, batch.sequences.per_sequence(trainer.policy_token_logps(batch.sequences)).detach()
+    )  # B = 0 at the start
     trainer.train()
     assert torch.equal(trainer.reference(batch.sequences), before)  # the reference did not move
-    assert not torch.equal(trainer.policy_logps(batch.sequences).detach(), before)  # the policy did
+    assert not torch.equal(
+        batch.sequences.per_sequence(trainer.policy_token_logps(batch.sequences)).detach(), before
+    )  # the policy did
 
 
 def test_batch_size_one_is_refused_for_kto(tiny_model_dir, kto_file, tmp_path):

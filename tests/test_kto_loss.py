@@ -9,7 +9,7 @@ import torch
 
 from prospect.errors import UserError
 from prospect.losses.base import LossInputs
-from prospect.losses.kto import KTOParams, check_balance, kto_loss
+from prospect.losses.kto import KTOParams, check_balance, kto_logsigmoid_loss, kto_loss, kto_zero_loss
 
 
 def sigmoid(x: float) -> float:
@@ -33,7 +33,7 @@ def inputs(policy, reference, labels, kl):
         completion_lengths=torch.ones(len(policy)),
         reference_logps=torch.tensor(reference, dtype=torch.float64),
         labels=torch.tensor(labels),
-        kl_estimate=torch.tensor(kl, dtype=torch.float64),
+        reference_point=torch.tensor(kl, dtype=torch.float64),
     )
 
 
@@ -71,9 +71,9 @@ def test_negative_kl_is_clamped_to_zero():
 
 def test_gradient_flows_through_policy_only():
     x = inputs([-10.0, -9.0], [-10.5, -8.0], [True, False], 0.4)
-    x.kl_estimate.requires_grad_(True)
+    x.reference_point.requires_grad_(True)
     kto_loss(x, KTOParams(beta=0.2)).losses.sum().backward()
-    assert x.kl_estimate.grad is None  # the reference point is detached
+    assert x.reference_point.grad is None  # the reference point is detached
     # d/dp of 1 - sigmoid(b(p - r - z)) is -b s (1 - s); of 1 - sigmoid(b(z - p + r)) is +b s (1 - s).
     s_d = sigmoid(0.2 * (0.5 - 0.4))
     s_u = sigmoid(0.2 * (0.4 + 1.0))
@@ -120,3 +120,40 @@ def test_auto_weights_apply_the_rule():
 def test_single_class_is_an_error():
     with pytest.raises(UserError, match="no undesirable ones"):
         check_balance(KTOParams(), {"desirable": 10, "undesirable": 0})
+
+
+def test_kto_zero_holds_the_reference_point_at_zero():
+    """HALOs' KTO-zero ablation: z = 0 whatever the batch's KL, so no KL batch is needed."""
+    policy, reference, labels = (
+        [-10.0, -12.5, -8.0, -20.0],
+        [-11.0, -12.0, -9.5, -18.0],
+        [True, True, False, False],
+    )
+    x = inputs(policy, reference, labels, 0.0)
+    x.reference_point = None  # the engine supplies none: the spec declares no reference point
+    out = kto_zero_loss(x, KTOParams(beta=0.3, desirable_weight=1.2, undesirable_weight=0.9))
+    assert out.losses.tolist() == pytest.approx(
+        by_hand(policy, reference, labels, 0.0, 0.3, 1.2, 0.9), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("kl", [-1.0, 0.0, 0.8])
+def test_kto_logsigmoid_matches_formula(kl):
+    """-lambda log sigmoid(beta (r - z)) for desirable, -lambda log sigmoid(beta (z - r)) otherwise, z = max(kl, 0)."""
+    policy, reference, labels = (
+        [-10.0, -12.5, -8.0, -20.0],
+        [-11.0, -12.0, -9.5, -18.0],
+        [True, False, True, False],
+    )
+    beta, lam_d, lam_u, z = 0.4, 1.1, 0.6, max(kl, 0.0)
+    expected = [
+        lam_d * -math.log(sigmoid(beta * (p - r - z)))
+        if d
+        else lam_u * -math.log(sigmoid(beta * (z - p + r)))
+        for p, r, d in zip(policy, reference, labels)
+    ]
+    out = kto_logsigmoid_loss(
+        inputs(policy, reference, labels, kl),
+        KTOParams(beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u),
+    )
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)

@@ -13,6 +13,7 @@ from prospect.config import load_config
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
 from prospect.online.rounds import run_loop
+from prospect.online.session import SamplingSession, nested_run
 from tests.conftest import tiny_overrides
 from tests.test_labellers import StubJudge
 
@@ -184,6 +185,35 @@ def test_rlaif_with_an_http_judge(tiny_model_dir, kto_file, tmp_path, monkeypatc
     stats = rounds(run)[0]
     assert stats["judge_calls"] == 12 and stats["judge_malformed"] == 0  # 6 prompts, each pair in both orders
     assert (run / "round-01" / "train" / "final" / "model.safetensors").exists()
+
+
+def test_sampling_session_batches_by_online_batch_size_and_rotates_prompts(
+    tiny_model_dir, kto_file, tmp_path
+):
+    every = loop_config(tiny_model_dir, kto_file, tmp_path / "a", **{"eval.batch_size": 5})
+    all_prompts = SamplingSession(every, str(tiny_model_dir), window=0, seed=0)
+    assert all_prompts.sampler.batch_size == every.online.batch_size == 32  # not eval.batch_size
+    values = {"online.batch_size": 3, "eval.batch_size": 5, "online.prompts": 4}
+    windowed = loop_config(tiny_model_dir, kto_file, tmp_path / "b", **values)
+    second = SamplingSession(windowed, str(tiny_model_dir), window=1, seed=0)
+    assert second.sampler.batch_size == 3
+    prompts = [it.prompt for it in all_prompts.items]
+    assert len(prompts) == 6 and [it.prompt for it in second.items] == prompts[4:] + prompts[:2]
+
+
+def test_nested_run_trains_on_the_data_file_and_resumes_a_started_run(tiny_model_dir, kto_file, tmp_path):
+    config = loop_config(tiny_model_dir, kto_file, tmp_path / "outer", **{"loss.name": "sft"})
+    data, out = tmp_path / "kept.jsonl", tmp_path / "outer" / "round-01" / "train"
+    inner = nested_run(config, data, out, reference_model="base-model")
+    assert (inner.data.train, inner.data.train_split, inner.data.format) == (str(data), "train", "auto")
+    assert inner.data.eval == str(kto_file) and inner.data.limit == 0  # evaluates on the outer run's prompts
+    assert (inner.train.output_dir, inner.train.resume, inner.train.overwrite) == (str(out), False, False)
+    assert inner.train.reference_model == "base-model" and inner.model == config.model
+    out.mkdir(parents=True)
+    (out / "prospect-run.json").write_text("{}")
+    assert nested_run(config, data, out).train.resume
+    assert not nested_run(config, data, out, resume=False).train.resume
+    assert nested_run(config, data, out, data_format="completions").data.format == "completions"
 
 
 def test_a_killed_round_resumes(tiny_model_dir, kto_file, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prospect.config import load_config
-from prospect.data.batching import paired_batch, unpaired_batch
+from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, write_jsonl
 
@@ -24,7 +24,7 @@ def policy_logps(trainer: Trainer, seqs) -> torch.Tensor:
 
 
 def pair_margin(trainer: Trainer) -> float:
-    batch = paired_batch(trainer.data.items, trainer.tokenizer.pad_token_id)
+    batch = make_batch(trainer.data.items, "paired", trainer.tokenizer.pad_token_id)
     logps = policy_logps(trainer, batch.sequences)
     half = len(trainer.data.items)
     return (logps[:half] - logps[half:]).mean().item()
@@ -52,7 +52,7 @@ def test_sft_lowers_the_nll(tiny_model_dir, tmp_path):
         [{"prompt": r["prompt"], "completion": r["completion"]} for r in unpaired_rows(24)],
     )
     trainer = trainer_for(tiny_model_dir, data, tmp_path / "sft", "sft", **{"train.padding_free": True})
-    batch = unpaired_batch(trainer.data.items, trainer.tokenizer.pad_token_id, None)
+    batch = make_batch(trainer.data.items, "unpaired", trainer.tokenizer.pad_token_id)
     tokens = batch.sequences.completion_tokens
     before = -policy_logps(trainer, batch.sequences).sum().item() / tokens
     trainer.train()
@@ -73,9 +73,9 @@ def test_csft_conditions_on_control_tokens(tiny_model_dir, pairs_file, tmp_path)
     assert all(item.prompt_ids[-1] == (good if item.label else bad) for item in trainer.data.items)
     final = trainer.train()
     desirable = [i for i in trainer.data.items if i.label]
-    as_good = unpaired_batch(desirable, trainer.tokenizer.pad_token_id, None)
+    as_good = make_batch(desirable, "unpaired", trainer.tokenizer.pad_token_id)
     swapped = [type(i)([*i.prompt_ids[:-1], bad], i.completion_ids, i.label, i.location) for i in desirable]
-    as_bad = unpaired_batch(swapped, trainer.tokenizer.pad_token_id, None)
+    as_bad = make_batch(swapped, "unpaired", trainer.tokenizer.pad_token_id)
     # A desirable completion is more likely after <|good|> than after <|bad|>.
     assert (policy_logps(trainer, as_good.sequences) - policy_logps(trainer, as_bad.sequences)).mean() > 1.0
     from transformers import AutoTokenizer

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from prospect.config import load_config
 from prospect.engine.factory import make_trainer
+from prospect.engine.ppo import PPOTrainer
 from prospect.losses import get_loss
+from prospect.losses.advantages import gae, whiten
 from prospect.losses.base import LossInputs, TokenInputs
+from prospect.losses.kl_control import KLController
 from prospect.losses.ppo import kl_penalty, policy_loss, value_loss
-from prospect.online.advantages import gae, whiten
-from prospect.online.kl_control import KLController
-from prospect.online.ppo import PPOTrainer
 from tests.conftest import tiny_overrides
 
 

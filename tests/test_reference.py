@@ -8,10 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from prospect.config import load_config
-from prospect.data.batching import pack, pad, paired_batch, sequence_key, step_indices, unpaired_batch
+from prospect.data.batching import pad, sequence_key, step_indices
+from prospect.data.packing import pack
+from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
 from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, varied_paired_rows, write_jsonl
+
+
+def sequence_logps(trainer: Trainer, seqs) -> torch.Tensor:
+    return seqs.per_sequence(trainer.policy_token_logps(seqs))
 
 
 def make(tiny_model_dir, data, out, **extra) -> Trainer:
@@ -61,7 +67,7 @@ def test_cached_values_equal_the_live_reference(tiny_model_dir, kto_file, cache_
     for step in range(trainer.total_steps):
         indices = step_indices(len(trainer.data.items), trainer.global_batch, trainer.cfg.train.seed, step)
         batch = trainer.make_batch(indices)
-        for seqs in (batch.sequences, batch.kl_sequences):
+        for seqs in (batch.sequences, batch.point_sequences):
             torch.testing.assert_close(
                 trainer.reference(seqs), trainer.live_reference(seqs), rtol=0, atol=1e-5
             )
@@ -75,7 +81,7 @@ def test_cache_follows_content_not_position(tiny_model_dir, kto_file, cache_home
     first.train()
     known = set(first.cache.table)
     other = make(tiny_model_dir, kto_file, tmp_path / "b", **options, **{"train.seed": 7})
-    planned = {key for key, _, _ in other.planned_sequences()}
+    planned = {key for key, _, _ in other.plan.sequences(0, other.total_steps)}
     targets = {sequence_key(it.prompt_ids, it.completion_ids) for it in other.data.items}
     assert targets <= known
     other.precompute_reference()
@@ -102,7 +108,7 @@ def test_packed_bf16_cache_equals_the_live_reference_bit_for_bit(
     trainer.precompute_reference()
     assert trainer.cache.by_layout and trainer.cache.computed > 0
     checked, shared, packed = 0, False, False
-    for seqs in trainer.planned_batches(rank=0):
+    for seqs in trainer.plan.batches(0, trainer.total_steps, rank=0):
         assert torch.equal(trainer.reference(seqs), trainer.live_reference(seqs))
         checked += seqs.num_sequences
         shared |= seqs.layout.shares_prompts
@@ -110,7 +116,7 @@ def test_packed_bf16_cache_equals_the_live_reference_bit_for_bit(
     assert checked == trainer.cache.computed == len(trainer.cache.table)
     assert packed and (shared or loss != "dpo")  # rows really hold several sequences; DPO shares prompts
     # the same sequences in another batch are another key: the cache never answers for a layout it did not run
-    _, indices = next(trainer.planned_microbatches())
+    _, indices = next(trainer.order.planned(0, trainer.total_steps))
     with pytest.raises(RuntimeError, match="reference cache miss"):
         trainer.reference(trainer.make_batch(indices[::-1]).sequences)
     # a second run of the recipe reads everything from disk and trains exactly as the live reference does
@@ -214,20 +220,15 @@ def test_padding_free_changes_nothing_but_speed(loss, tiny_model_dir, tmp_path):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
     items = padded.data.items[:8]
     pad_id = padded.tokenizer.pad_token_id
-    if loss == "dpo":
-        rows = paired_batch(items, pad_id, pad).sequences, paired_batch(items, pad_id, pack).sequences
-    else:
-        rows = (
-            unpaired_batch(items, pad_id, None, pad).sequences,
-            unpaired_batch(items, pad_id, None, pack).sequences,
-        )
-    padded_rows, packed_rows = rows
+    shape = padded.spec.data
+    padded_rows = make_batch(items, shape, pad_id, pad).sequences
+    packed_rows = make_batch(items, shape, pad_id, pack).sequences
     assert packed_rows.tokens == padded_rows.tokens
     assert packed_rows.input_ids.shape[1] <= padded_rows.input_ids.shape[1]
     assert packed_rows.input_ids.numel() < padded_rows.input_ids.numel()  # less compute on padding
     with torch.no_grad():
         torch.testing.assert_close(
-            padded.policy_logps(rows[1]), padded.policy_logps(rows[0]), rtol=1e-5, atol=1e-5
+            sequence_logps(padded, packed_rows), sequence_logps(padded, padded_rows), rtol=1e-5, atol=1e-5
         )
 
 

@@ -15,7 +15,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prospect.data.batching import Sequences
-from prospect.losses.base import LossInputs, get_loss
+from prospect.losses import get_loss
+from prospect.losses.base import LossInputs
 from prospect.models.scoring import TokenScorer
 from tests.conftest import build_model, paired_rows, unpaired_rows
 
@@ -153,7 +154,7 @@ def test_kto_matches_trl(models, tmp_path, monkeypatch):
         reference_logps=logps(reference, seqs),
         completion_lengths=seqs.completion_lengths(),
         labels=labels,
-        kl_estimate=kl,
+        reference_point=kl,
         beta=0.1,
         desirable_weight=1.3,
         undesirable_weight=0.8,

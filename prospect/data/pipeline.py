@@ -7,21 +7,14 @@ import math
 from dataclasses import dataclass
 
 from prospect.config import DataConfig
-from prospect.data.convert import to_completions, to_groups, to_pairs, to_prompts, to_rated, to_unpaired
+from prospect.data.convert import to_prompts
 from prospect.data.formats import Example, Pair, Ranking, parse_rows
+from prospect.data.shapes import SHAPES, DataShape
 from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoded, EncodedPair, EncodedPrompt, Encoder
 from prospect.errors import field_error
 
 log = logging.getLogger(__name__)
-CONVERTERS = {
-    "prompts": to_prompts,
-    "unpaired": to_unpaired,
-    "paired": to_pairs,
-    "completions": to_completions,
-    "ranked": to_groups,
-    "rated": to_rated,
-}
 
 
 @dataclass
@@ -31,7 +24,7 @@ class TrainingData:
     truncated: int
 
 
-def read_training(cfg: DataConfig, needs: str, seed: int) -> list[Example] | list[Pair]:
+def read_training(cfg: DataConfig, needs: DataShape, seed: int) -> list[Example] | list[Pair]:
     """Read, check and convert every training row (no tokenizer needed, so bad data fails fast)."""
     rows = read_rows(cfg.train, cfg.train_split)
     if cfg.limit > 0:
@@ -39,7 +32,7 @@ def read_training(cfg: DataConfig, needs: str, seed: int) -> list[Example] | lis
     kind, parsed = parse_rows(rows, cfg.format)
     if kind == "rated":
         check_ratings(parsed, cfg)
-    return CONVERTERS[needs](kind, parsed, cfg, seed)
+    return SHAPES[needs].convert(kind, parsed, cfg, seed)
 
 
 def check_ratings(examples: list[Example], cfg: DataConfig) -> None:

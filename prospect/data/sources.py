@@ -7,36 +7,22 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prospect.data import tasks, vader
+from prospect.data.row import Row
 from prospect.errors import UserError, where
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-@dataclass
-class Row:
-    location: str
-    values: dict[str, Any]
-
-
-BUILTINS: dict[str, Callable[[str], list[Row]]] = {}
-
-
-def builtin(name: str) -> Callable:
-    def register(loader: Callable[[str], list[Row]]) -> Callable[[str], list[Row]]:
-        BUILTINS[name] = loader
-        return loader
-
-    return register
+# Built-in data sets by name: each loader takes a split and returns rows.
+BUILTINS: dict[str, Callable[[str], list[Row]]] = {**tasks.BUILTINS, **vader.BUILTINS}
 
 
 def read_rows(spec: str, split: str = "train") -> list[Row]:
     """Rows of a data source: a built-in name, a file, a `datasets` directory or a hub dataset."""
-    from prospect.data import tasks, vader  # noqa: F401  (they register the built-in data sets)
-
     if spec in BUILTINS:
         rows = BUILTINS[spec](split)
     else:

@@ -16,7 +16,7 @@ import re
 import zlib
 from collections.abc import Callable
 
-from prospect.data.sources import Row, builtin
+from prospect.data.row import Row
 from prospect.errors import UserError
 
 INSTRUCTION = "Solve the problem. End with 'Answer: <number>'."
@@ -147,10 +147,16 @@ def rows(task: str, levels: list[int], split: str) -> list[Row]:
     return out
 
 
-for _task in GENERATORS:
-    builtin(_task)(lambda split, task=_task: rows(task, [1, 2, 3], split))
-    for _level in (1, 2, 3):
-        builtin(f"{_task}-{_level}")(lambda split, task=_task, level=_level: rows(task, [level], split))
+def loader(task: str, levels: list[int]) -> Callable[[str], list[Row]]:
+    return lambda split: rows(task, levels, split)
+
+
+# `arithmetic` (all levels) and `arithmetic-1` .. `arithmetic-3`, likewise for every task.
+BUILTINS = {
+    name: loader(task, levels)
+    for task in GENERATORS
+    for name, levels in [(task, [1, 2, 3])] + [(f"{task}-{level}", [level]) for level in (1, 2, 3)]
+}
 
 
 ANSWER = re.compile(r"answer\s*[:=]?\s*\$?\s*(-?\d[\d,]*)", re.IGNORECASE)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prospect.assets import Distribution, cache_dir, fetch, sha256_of
-from prospect.data.sources import Row, builtin
+from prospect.data.row import Row
 from prospect.errors import UserError
 
 SDIST = Distribution(
@@ -104,7 +104,6 @@ def review_prompt(text: str) -> str:
     return f'Write a one-sentence movie review that begins with "{opening}".'
 
 
-@builtin("vader-movies")
 def vader_movies(split: str) -> list[Row]:
     """Movie-review snippets rated by people: {prompt, completion, rating (the raters' mean), ratings}.
     Losses turn them into what they need: labels by threshold (desirable above data.desirable_above=0.5,
@@ -125,3 +124,6 @@ def vader_movies(split: str) -> list[Row]:
         }
         rows.append(Row(f"vader-movies[{split}]: id {item.id}", values))
     return rows
+
+
+BUILTINS = {"vader-movies": vader_movies}

@@ -1,15 +1,18 @@
-"""Pick the loop a loss runs in: the offline engine, or PPO's rollout-and-update steps on top of it."""
+"""The trainer a loss runs in, by its declared loop: the offline engine, or PPO's rollouts on top of it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prospect.config import Config
-from prospect.engine.trainer import Trainer
-from prospect.losses.base import get_loss
+from prospect.engine.ppo import PPOTrainer
+from prospect.engine.trainer import StepResult, Trainer
+from prospect.losses import get_loss
+
+TRAINERS: dict[str, type[Trainer]] = {"offline": Trainer, "ppo": PPOTrainer}
 
 
-def make_trainer(config: Config, callbacks=None) -> Trainer:
-    if get_loss(config.loss_name).loop == "ppo":
-        from prospect.online.ppo import PPOTrainer
-
-        return PPOTrainer(config, callbacks)
-    return Trainer(config, callbacks)
+def make_trainer(
+    config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None
+) -> Trainer:
+    return TRAINERS[get_loss(config.loss_name).loop](config, callbacks)

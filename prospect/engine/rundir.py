@@ -11,8 +11,8 @@ import yaml
 
 from prospect import __version__
 from prospect.config import Config
-from prospect.engine.checkpoint import write_text_atomic
 from prospect.errors import UserError
+from prospect.io import write_text_atomic
 
 MARKER = "prospect-run.json"
 # Options that may change when a run is resumed.

@@ -3,6 +3,7 @@ estimate KL(pi || pi_ref) on them as the mean of log pi(y|x) - log pi_ref(y|x) o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -14,10 +15,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prospect.config import EvalConfig
+from prospect.config import DataConfig, EvalConfig, OnlineConfig
 from prospect.data.batching import Sequences, pad
-from prospect.data.tokenize import EncodedPrompt
-from prospect.evaluation.judges import Judge
+from prospect.data.pipeline import load_eval_prompts
+from prospect.data.tokenize import EncodedPrompt, Encoder
+from prospect.evaluation.judges import Judge, get_judge
+from prospect.io import write_text_atomic
 from prospect.models.sampling import HFSampler, SamplingParams
 
 
@@ -108,12 +111,61 @@ def print_report(before: HeldOutResult, after: HeldOutResult, path: Path) -> Non
             f"(± {math.hypot(before.judge_stderr, after.judge_stderr):.3f}) at a KL of {after.kl_mean:.3f} nats"
         )
     summary = {"before": before.summary(), "after": after.summary()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(summary, indent=1))
 
 
 def stderr(values: list[float] | None) -> float:
     if not values or len(values) < 2:
         return 0.0
     return statistics.stdev(values) / math.sqrt(len(values))
+
+
+class PolicyEvaluation:
+    """Before and after training: sample the policy on held-out prompts, judge the samples and measure the
+    KL to the reference on them. `prompt_suffix` ends each prompt (CSFT's desirable control token)."""
+
+    result_type = HeldOutResult
+
+    def __init__(
+        self,
+        data: DataConfig,
+        cfg: EvalConfig,
+        online: OnlineConfig,
+        encoder: Encoder,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        bf16: bool,
+        seed: int,
+        prompt_suffix: list[int] | None = None,
+        verbose: bool = True,
+    ):
+        self.data, self.cfg, self.online, self.encoder, self.tokenizer = data, cfg, online, encoder, tokenizer
+        self.device, self.bf16, self.seed = device, bf16, seed
+        self.prompt_suffix, self.verbose = prompt_suffix, verbose
+
+    def __call__(
+        self, scorer: torch.nn.Module, reference: Callable[[Sequences], torch.Tensor], when: str
+    ) -> HeldOutResult:
+        """`scorer` is the policy's TokenScorer (unwrapped), `reference` the live reference."""
+        prompts = load_eval_prompts(self.data, self.encoder, self.cfg.num_prompts)
+        if self.prompt_suffix:
+            prompts = [dataclasses.replace(p, prompt_ids=p.prompt_ids + self.prompt_suffix) for p in prompts]
+        if self.verbose:
+            print(f"evaluating {when} training on {len(prompts)} held-out prompts ...", flush=True)
+        return evaluate(
+            scorer.model,
+            self.tokenizer,
+            prompts,
+            scorer.sequence_logps,
+            reference,
+            get_judge(self.cfg.judge, self.online, self.device, self.bf16),
+            self.cfg,
+            seed=self.seed,
+            bf16=self.bf16,
+            verbose=self.verbose,
+            label=when,
+        )
+
+    def report(self, before: HeldOutResult, after: HeldOutResult, path: Path) -> None:
+        if self.verbose:
+            print_report(before, after, path)

@@ -11,6 +11,7 @@ import torch
 
 from prospect.config import OnlineConfig
 from prospect.errors import UserError
+from prospect.rewards import load_reward
 
 Judge = Callable[[list[str], list | None], list[float]]
 
@@ -25,8 +26,6 @@ def vader_judge() -> Judge:
 
 def reward_judge(online: OnlineConfig, device: torch.device, bf16: bool) -> Judge:
     """The online reward model or function (e.g. exact match against a reference answer) as the judge."""
-    from prospect.online.rewards import load_reward
-
     reward = load_reward(online, device, bf16)
 
     def judge(texts: list[str], prompts: list | None) -> list[float]:

@@ -1,6 +1,23 @@
-"""Losses of the HALO family. Each module registers LossSpecs; `get_loss(name)` finds one."""
+"""Losses of the HALO family and the RLHF pipeline. Each module lists its LossSpecs in `SPECS`; the registry
+below is built from those lists, so a loss in a new module is one more name in `MODULES`."""
 
-from prospect.losses import kto, pairwise, ppo, reference_free, reward, sft  # noqa: F401
-from prospect.losses.base import LOSSES, LossInputs, LossOutput, LossSpec, get_loss
+from __future__ import annotations
+
+from prospect.errors import UserError
+from prospect.losses import kto, pairwise, ppo, reference_free, reward_model, sft
+from prospect.losses.base import LossInputs, LossOutput, LossSpec
+from prospect.options import suggest
+
+MODULES = (kto, pairwise, reference_free, sft, reward_model, ppo)
+LOSSES: dict[str, LossSpec] = {spec.name: spec for module in MODULES for spec in module.SPECS}
+
+
+def get_loss(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise UserError(
+            f"unknown loss '{name}'{suggest(name, LOSSES)}; available: {', '.join(sorted(LOSSES))}"
+        )
+    return LOSSES[name]
+
 
 __all__ = ["LOSSES", "LossInputs", "LossOutput", "LossSpec", "get_loss"]

@@ -1,20 +1,31 @@
 """What a loss is: a pure function of per-sequence log-probs, and a declaration of what it needs.
 
-The engine reads the declaration (reference model? KL batch? unpaired or paired data?), computes the
-inputs, and normalises: every loss returns per-unit losses whose sum the engine divides by the number
-of units in the whole optimizer step, across microbatches and processes.
+The engine reads the declaration (which head? reference model? which data shape? a reference point?),
+computes the inputs, and normalises: every loss returns per-unit losses whose sum the engine divides by
+the number of units in the whole optimizer step, across microbatches and processes.
+
+A method's own machinery is a hook on its declaration, so the engine calls it without knowing the method:
+`reference_point` (KTO's KL estimate from mismatched pairs) and `prompt_tokens` (CSFT's control tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 
-from prospect.config import build_section, suggest
-from prospect.errors import UserError
+from prospect.data.shapes import DataShape
+from prospect.data.tokenize import Encoded
+from prospect.options import build_section
+
+# What the trained module returns: per-token log-probs of a policy, or one scalar per sequence.
+Head = Literal["policy", "reward"]
+# What per-unit losses are averaged over in a step: examples (or pairs, lists), or completion tokens.
+Normalize = Literal["units", "tokens"]
+# How an engine step runs: batches of a dataset, or rollouts sampled from the policy (engine/ppo.py).
+Loop = Literal["offline", "ppo"]
 
 
 @dataclass
@@ -40,9 +51,11 @@ class LossInputs:
     completion_lengths: torch.Tensor | None = None  # completion tokens per sequence (float)
     reference_logps: torch.Tensor | None = None  # same, under the reference (no gradient)
     labels: torch.Tensor | None = None  # bool: desirable (True) / undesirable (False)
-    kl_estimate: torch.Tensor | None = None  # scalar: mean policy/reference log-ratio on mismatched pairs
+    reference_point: torch.Tensor | None = (
+        None  # scalar from the spec's ReferencePoint (KTO: the KL estimate)
+    )
     scores: torch.Tensor | None = None  # reward models: one scalar per sequence (with gradient)
-    group_index: torch.Tensor | None = None  # reward models: the ranked list of each sequence, best first
+    group_index: torch.Tensor | None = None  # ranked lists: the list of each sequence, best first
     targets: torch.Tensor | None = None  # ratings: regression targets or ranked scores (NaN: none)
     tokens: TokenInputs | None = None  # policy-gradient losses (PPO)
 
@@ -54,45 +67,55 @@ class LossOutput:
     totals: dict[str, torch.Tensor]  # metric -> value summed over the step (e.g. counts)
 
 
+class ReferencePoint(Protocol):
+    """A HALO's reference point, estimated from extra sequences of each microbatch with no gradient.
+
+    The engine builds `sequences(items, fit)` next to each microbatch, runs the policy and the reference on
+    them, and passes `estimate(log_ratios, reduce_sum)` to the loss as `LossInputs.reference_point`. The
+    estimate is logged under `metric`."""
+
+    metric: str
+    summary: str  # for `prospect options`: what the point is estimated on
+    min_batch_size: int  # microbatches smaller than this cannot form the extra sequences
+    why: str  # for the error when the batch is too small: "pairs each prompt with ..."
+
+    def sequences(self, items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]: ...
+
+    def estimate(
+        self, log_ratios: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor: ...
+
+
+class PromptTokens(Protocol):
+    """Special tokens that end each prompt according to its label (CSFT's <|good|> and <|bad|>)."""
+
+    def install(self, tokenizer: Any, model: torch.nn.Module) -> dict[bool, list[int]]:
+        """Add the tokens to the tokenizer and the model's embeddings; return their ids by label. Held-out
+        sampling asks for the desirable behaviour with the `True` ids."""
+        ...
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
     compute: Callable[[LossInputs, Any], LossOutput]
     params: type  # dataclass of hyperparameters, each declared with `opt`
-    data: str  # "unpaired" | "paired" | "completions" | "ranked" (lists, best first) | "rated" | "prompts"
+    data: DataShape
     needs_reference: bool
-    needs_kl_batch: bool = False
-    normalize: str = "units"  # "units": mean over examples or pairs; "tokens": mean over completion tokens
+    normalize: Normalize = "units"
     # (params, label counts) -> (params, warnings); may adjust params, raises UserError for unusable data
     check_data: Callable[[Any, dict[str, int]], tuple[Any, list[str]]] | None = None
-    control_tokens: tuple[str, str] | None = None  # CSFT: (desirable, undesirable) tokens ending the prompt
+    reference_point: ReferencePoint | None = None
+    prompt_tokens: PromptTokens | None = None
     summary: str = ""  # one line for --help; defaults to the compute function's docstring
-    model: str = "policy"  # "policy": the loss sees log-probs; "reward": a scalar head's scores
-    loop: str = "offline"  # "offline": batches of a dataset; "ppo": rollouts from the policy (online/ppo.py)
+    model: Head = "policy"
+    loop: Loop = "offline"
 
     def describe(self) -> str:
         return self.summary or " ".join((self.compute.__doc__ or self.name).split())
 
     def make_params(self, values: dict[str, Any], where: str) -> Any:
         return build_section(self.params, {k: v for k, v in values.items() if k != "name"}, where)
-
-
-LOSSES: dict[str, LossSpec] = {}
-
-
-def register(spec: LossSpec) -> LossSpec:
-    LOSSES[spec.name] = spec
-    return spec
-
-
-def get_loss(name: str) -> LossSpec:
-    import prospect.losses  # noqa: F401  (registers the built-in losses)
-
-    if name not in LOSSES:
-        raise UserError(
-            f"unknown loss '{name}'{suggest(name, LOSSES)}; available: {', '.join(sorted(LOSSES))}"
-        )
-    return LOSSES[name]
 
 
 def chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +128,7 @@ def mean_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.sum(), torch.tensor(float(values.numel()), dtype=values.dtype, device=values.device)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_mean_of(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) of `values` where `mask`, detached, for step-level averaging."""
     values = values.detach()
     return (values * mask).sum(), mask.sum().to(values.dtype)

@@ -1,21 +1,29 @@
-"""KTO: Kahneman-Tversky Optimization (Ethayarajh et al., 2024).
+"""KTO: Kahneman-Tversky Optimization (Ethayarajh et al., 2024), and two HALO variants of it.
 
 The implied reward r = log pi(y|x) - log pi_ref(y|x) is compared with a reference point z, the policy's
-KL to the reference estimated on mismatched pairs of the same microbatch (computed by the engine with no
-gradient, averaged over all processes), clamped at 0. A desirable y loses lambda_D * (1 - sigmoid(beta * (r - z)));
-an undesirable y loses lambda_U * (1 - sigmoid(beta * (z - r))).
+KL to the reference estimated on mismatched pairs of the same microbatch (`MismatchedPairsKL`: computed by
+the engine with no gradient, averaged over all processes), clamped at 0. A desirable y loses
+lambda_D * (1 - sigmoid(beta * (r - z))); an undesirable y loses lambda_U * (1 - sigmoid(beta * (z - r))).
+
+Variants from the authors' code (ContextualAI/HALOs):
+- `kto_zero`: the reference point stays 0, where it is when policy = reference (no KL batch). An ablation
+  that shows what the KL term is for; the authors do not recommend it in practice.
+- `kto_logsigmoid`: the same reference point, with -log sigmoid as the value function instead of 1 - sigmoid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from prospect.config import opt
+from prospect.data.tokenize import Encoded
 from prospect.errors import UserError
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, masked_mean, register
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, masked_mean_of
+from prospect.options import opt
 
 # The paper's rule for imbalanced data: lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
 BALANCE_RANGE = (1.0, 4.0 / 3.0)
@@ -32,29 +40,80 @@ class KTOParams:
     )
 
 
-def kto_loss(x: LossInputs, p: KTOParams) -> LossOutput:
-    """lambda_D (1 - sigmoid(beta (r - z))) if desirable, lambda_U (1 - sigmoid(beta (z - r))) if not, where z is
-    the clamped KL estimate from mismatched pairs (Ethayarajh et al., 2024)."""
+@dataclass(frozen=True)
+class MismatchedPairsKL:
+    """KTO's reference point: mean log pi/pi_ref over the pairs (x_i, y_(i+1 mod n)) of a microbatch, summed
+    and counted across processes. Estimated per microbatch, not over the accumulated step (TRL #2153)."""
+
+    metric: str = "kl"
+    summary: str = "KL batch of mismatched pairs"
+    min_batch_size: int = 2
+    why: str = "pairs each prompt with another example's completion for its KL estimate"
+
+    def sequences(self, items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]:
+        n = len(items)
+        return [
+            fit(Encoded(items[i].prompt_ids, items[(i + 1) % n].completion_ids, None, "")) for i in range(n)
+        ]
+
+    def estimate(
+        self, log_ratios: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        count = torch.tensor(float(log_ratios.numel()), device=log_ratios.device)
+        total = reduce_sum(torch.stack([log_ratios.sum(), count]))
+        return (total[0] / total[1]).detach()
+
+
+def prospect_loss(
+    x: LossInputs, p: KTOParams, z: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor]
+) -> LossOutput:
+    """lambda * value(beta (r - z)) for desirable examples, lambda * value(beta (z - r)) for undesirable ones,
+    with the metrics every KTO variant logs."""
     rewards = x.policy_logps - x.reference_logps
-    z = x.kl_estimate.clamp(min=0).detach()
     desirable = x.labels
-    loss_d = p.desirable_weight * (1 - torch.sigmoid(p.beta * (rewards - z)))
-    loss_u = p.undesirable_weight * (1 - torch.sigmoid(p.beta * (z - rewards)))
+    loss_d = p.desirable_weight * value(p.beta * (rewards - z))
+    loss_u = p.undesirable_weight * value(p.beta * (z - rewards))
     losses = torch.where(desirable, loss_d, loss_u)
     undesirable = ~desirable
     return LossOutput(
         losses=losses,
         means={
-            "rewards/desirable": masked_mean(p.beta * rewards, desirable),
-            "rewards/undesirable": masked_mean(p.beta * rewards, undesirable),
-            "logps/desirable": masked_mean(x.policy_logps, desirable),
-            "logps/undesirable": masked_mean(x.policy_logps, undesirable),
+            "rewards/desirable": masked_mean_of(p.beta * rewards, desirable),
+            "rewards/undesirable": masked_mean_of(p.beta * rewards, undesirable),
+            "logps/desirable": masked_mean_of(x.policy_logps, desirable),
+            "logps/undesirable": masked_mean_of(x.policy_logps, undesirable),
         },
         totals={
             "count/desirable": desirable.sum().float(),
             "count/undesirable": undesirable.sum().float(),
         },
     )
+
+
+def one_minus_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.sigmoid(v)
+
+
+def neg_logsigmoid(v: torch.Tensor) -> torch.Tensor:
+    return -F.logsigmoid(v)
+
+
+def kto_loss(x: LossInputs, p: KTOParams) -> LossOutput:
+    """lambda_D (1 - sigmoid(beta (r - z))) if desirable, lambda_U (1 - sigmoid(beta (z - r))) if not, where z is
+    the clamped KL estimate from mismatched pairs (Ethayarajh et al., 2024)."""
+    return prospect_loss(x, p, x.reference_point.clamp(min=0).detach(), one_minus_sigmoid)
+
+
+def kto_zero_loss(x: LossInputs, p: KTOParams) -> LossOutput:
+    """KTO with the reference point held at 0: lambda_D (1 - sigmoid(beta r)) if desirable, lambda_U (1 -
+    sigmoid(-beta r)) if not (an ablation of the KL term; HALOs' KTOZeroTrainer)."""
+    return prospect_loss(x, p, torch.zeros((), device=x.policy_logps.device), one_minus_sigmoid)
+
+
+def kto_logsigmoid_loss(x: LossInputs, p: KTOParams) -> LossOutput:
+    """-lambda_D log sigmoid(beta (r - z)) if desirable, -lambda_U log sigmoid(beta (z - r)) if not, with KTO's
+    clamped KL reference point z (HALOs' KTOLogSigmoidTrainer)."""
+    return prospect_loss(x, p, x.reference_point.clamp(min=0).detach(), neg_logsigmoid)
 
 
 def check_balance(p: KTOParams, counts: dict[str, int]) -> tuple[KTOParams, list[str]]:
@@ -85,14 +144,17 @@ def check_balance(p: KTOParams, counts: dict[str, int]) -> tuple[KTOParams, list
     ]
 
 
-KTO = register(
-    LossSpec(
-        name="kto",
-        compute=kto_loss,
-        params=KTOParams,
-        data="unpaired",
-        needs_reference=True,
-        needs_kl_batch=True,
-        check_data=check_balance,
-    )
+KTO = LossSpec(
+    name="kto",
+    compute=kto_loss,
+    params=KTOParams,
+    data="unpaired",
+    needs_reference=True,
+    reference_point=MismatchedPairsKL(),
+    check_data=check_balance,
 )
+SPECS = [
+    KTO,
+    dataclasses.replace(KTO, name="kto_zero", compute=kto_zero_loss, reference_point=None),
+    dataclasses.replace(KTO, name="kto_logsigmoid", compute=kto_logsigmoid_loss),
+]

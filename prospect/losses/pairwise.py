@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prospect.config import opt
 from prospect.errors import UserError
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of, register
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of
+from prospect.options import opt
 
 
 @dataclass
@@ -102,11 +102,13 @@ def hinge_loss(x: LossInputs, p: HingeParams) -> LossOutput:
     return LossOutput(losses, pair_metrics(p.beta * r_c, p.beta * r_r, x), {})
 
 
-for name, compute, params in (
-    ("dpo", dpo_loss, DPOParams),
-    ("cdpo", dpo_loss, CDPOParams),
-    ("robust_dpo", dpo_loss, RobustDPOParams),
-    ("ipo", ipo_loss, IPOParams),
-    ("hinge", hinge_loss, HingeParams),
-):
-    register(LossSpec(name=name, compute=compute, params=params, data="paired", needs_reference=True))
+SPECS = [
+    LossSpec(name=name, compute=compute, params=params, data="paired", needs_reference=True)
+    for name, compute, params in (
+        ("dpo", dpo_loss, DPOParams),
+        ("cdpo", dpo_loss, CDPOParams),
+        ("robust_dpo", dpo_loss, RobustDPOParams),
+        ("ipo", ipo_loss, IPOParams),
+        ("hinge", hinge_loss, HingeParams),
+    )
+]

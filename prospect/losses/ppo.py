@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prospect.config import opt
 from prospect.errors import UserError
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, register
+from prospect.losses.base import LossInputs, LossOutput, LossSpec
+from prospect.options import opt
 
 
 @dataclass
@@ -108,7 +108,7 @@ def ppo_loss(x: LossInputs, p: PPOParams) -> LossOutput:
     return LossOutput((per_token * mask).sum(-1), metrics, {})
 
 
-register(
+SPECS = [
     LossSpec(
         name="ppo",
         compute=ppo_loss,
@@ -118,4 +118,4 @@ register(
         normalize="tokens",
         loop="ppo",
     )
-)
+]

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prospect.config import opt
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of, register
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of
 from prospect.losses.pairwise import pair_metrics
+from prospect.options import opt
 
 
 @dataclass
@@ -67,9 +67,11 @@ def slic_loss(x: LossInputs, p: SLiCParams) -> LossOutput:
     return LossOutput(losses, pair_metrics(logps_c, logps_r, x), {})
 
 
-for name, compute, params in (
-    ("simpo", simpo_loss, SimPOParams),
-    ("orpo", orpo_loss, ORPOParams),
-    ("slic", slic_loss, SLiCParams),
-):
-    register(LossSpec(name=name, compute=compute, params=params, data="paired", needs_reference=False))
+SPECS = [
+    LossSpec(name=name, compute=compute, params=params, data="paired", needs_reference=False)
+    for name, compute, params in (
+        ("simpo", simpo_loss, SimPOParams),
+        ("orpo", orpo_loss, ORPOParams),
+        ("slic", slic_loss, SLiCParams),
+    )
+]

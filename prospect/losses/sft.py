@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of, register
+import torch
 
-CONTROL_TOKENS = ("<|good|>", "<|bad|>")
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of
 
 
 @dataclass
 class SFTParams:
     pass
+
+
+@dataclass(frozen=True)
+class ControlTokens:
+    """CSFT's control tokens: added as special tokens, ending each prompt by its label."""
+
+    desirable: str = "<|good|>"
+    undesirable: str = "<|bad|>"
+
+    def install(self, tokenizer: Any, model: torch.nn.Module) -> dict[bool, list[int]]:
+        tokenizer.add_special_tokens({"additional_special_tokens": [self.desirable, self.undesirable]})
+        model.resize_token_embeddings(len(tokenizer))
+        return {
+            True: [tokenizer.convert_tokens_to_ids(self.desirable)],
+            False: [tokenizer.convert_tokens_to_ids(self.undesirable)],
+        }
 
 
 def sft_loss(x: LossInputs, p: SFTParams) -> LossOutput:
@@ -27,12 +44,14 @@ def sft_loss(x: LossInputs, p: SFTParams) -> LossOutput:
     return LossOutput(nll, {"nll/sequence": mean_of(nll), "length": mean_of(x.completion_lengths)}, {})
 
 
-CSFT_SUMMARY = (
-    "token-mean NLL of each completion after a <|good|> or <|bad|> control token chosen by its label"
-)
-for name, data, tokens, summary in (
-    ("sft", "completions", None, ""),
-    ("csft", "unpaired", CONTROL_TOKENS, CSFT_SUMMARY),
-):
-    spec = LossSpec(name, sft_loss, SFTParams, data, needs_reference=False, normalize="tokens")
-    register(dataclasses.replace(spec, control_tokens=tokens, summary=summary))
+SFT = LossSpec("sft", sft_loss, SFTParams, "completions", needs_reference=False, normalize="tokens")
+SPECS = [
+    SFT,
+    dataclasses.replace(
+        SFT,
+        name="csft",
+        data="unpaired",
+        prompt_tokens=ControlTokens(),
+        summary="token-mean NLL of each completion after a <|good|> or <|bad|> control token chosen by its label",
+    ),
+]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from prospect.config import OnlineConfig
 from prospect.errors import UserError
 
 
@@ -24,6 +25,18 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     seed: int = 0
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS and the end-of-turn token
+
+
+def rollout_params(online: OnlineConfig, seed: int) -> SamplingParams:
+    """The sampling settings of the `online` section (rollouts, best-of-N, online rounds)."""
+    return SamplingParams(
+        max_new_tokens=online.max_new_tokens,
+        temperature=online.temperature,
+        top_p=online.top_p,
+        top_k=online.top_k,
+        n=online.samples_per_prompt,
+        seed=seed,
+    )
 
 
 @dataclass

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prospect.data.batching import Sequences
-from prospect.models.attention import SegmentLayout, model_inputs, unwrapped
+from prospect.data.layout import SegmentLayout
+from prospect.models.attention import model_inputs, unwrapped
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits held at once by the chunked head (128 MB), whatever the vocabulary
 # Config attributes of models whose logits are not a plain linear projection of the last hidden state.

@@ -1,6 +1,6 @@
 """Labellers turn sampled completions into training data, behind one interface.
 
-Scores come from a reward model, a Python reward or verifier function (`online/rewards.py`), or an AI judge
+Scores come from a reward model, a Python reward or verifier function (`prospect/rewards.py`), or an AI judge
 that rates each completion. They become:
 - binary labels (KTO): desirable when the score is above a threshold that is fixed, or the mean or median of
   the prompt's own samples; undesirable rows can be capped at a ratio to the desirable ones;
@@ -22,10 +22,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prospect.data.convert import prompt_key
 from prospect.data.formats import Text
 from prospect.errors import UserError
+
+if TYPE_CHECKING:  # labelling and the HTTP judge need neither torch nor transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -221,6 +225,18 @@ class JudgeLabeller:
         return {"judge_calls": self.asked, "judge_malformed": self.malformed}
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation rendered with the tokenizer's chat template, ready for the assistant's reply. The
+    template writes any special tokens itself, so the tokenizer adds none."""
+    return [
+        tokenizer(
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for c in conversations
+    ]
+
+
 class LocalJudge:
     """A local causal LM answering judge prompts greedily with its chat template."""
 
@@ -234,15 +250,9 @@ class LocalJudge:
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         from prospect.models.sampling import SamplingParams
 
-        prompts = [
-            self.tokenizer(
-                self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False,
-            )["input_ids"]
-            for c in conversations
-        ]
         out = self.sampler.generate(
-            prompts, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0)
+            chat_prompt_ids(self.tokenizer, conversations),
+            SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0),
         )
         return [self.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in out]
 

@@ -19,24 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
-from accelerate.utils import gather_object
 
 from prospect.config import Config, ModelConfig
-from prospect.data.pipeline import encode_all, read_training
-from prospect.data.tokenize import Encoder
+from prospect.data.pipeline import read_training
 from prospect.engine.rundir import RunDir
-from prospect.engine.trainer import bf16_supported
 from prospect.errors import UserError
-from prospect.losses.base import get_loss
+from prospect.io import read_jsonl, write_jsonl, write_text_atomic
+from prospect.losses import LossSpec, get_loss
 from prospect.models.loading import load_model, resolve_model_source
-from prospect.models.sampling import HFSampler, SamplingParams
 from prospect.online.labellers import (
     Group,
     HTTPJudge,
@@ -48,7 +45,8 @@ from prospect.online.labellers import (
     prompt_text,
     select_pairs,
 )
-from prospect.online.rewards import check_reward, load_reward
+from prospect.online.session import SamplingSession, nested_run
+from prospect.rewards import check_reward
 
 CRITIQUE = (
     "Critique your previous response by this principle: {principle} Point out, in a few sentences, "
@@ -59,97 +57,100 @@ REVISE = (
 )
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+@dataclass
+class TrainingStep:
+    """One training run of a round, in round-NN/<name>/, on the rows of `data_file`."""
+
+    name: str
+    data_file: Path
+    # Set when the step writes its own data file: the round's samples scoring at least this (ReST's Improve).
+    keep_above: float | None = None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+class LoopKind:
+    """How one kind of loop turns a round's samples into training rows, and which training runs follow."""
 
+    labels_with_reward = True  # needs online.reward_model / reward_function unless a judge labels
+    fine_tunes_on_samples = False  # trains on kept {prompt, completion} rows, so the loss must take those
 
-class Round:
-    """Sampling from one policy, on this process's share of a round's prompts."""
-
-    def __init__(self, config: Config, model_source: str, round_index: int):
-        self.cfg = config
-        self.state = PartialState()
-        model_cfg = dataclasses.replace(config.model, name=model_source, lora_r=0)
-        self.model, self.tokenizer = load_model(model_cfg)
-        self.model.to(self.state.device)
-        t = config.train
-        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and bf16_supported(self.state.device))
-        prompts = read_training(config.data, "prompts", t.seed)
-        per_round = config.online.prompts or len(prompts)
-        start = (round_index * per_round) % len(prompts)
-        chosen = (prompts + prompts)[start : start + min(per_round, len(prompts))]
-        encoder = Encoder(self.tokenizer, config.data.max_length, config.data.max_prompt_length)
-        self.items = encode_all(chosen, encoder, prompts_only=True).items[
-            self.state.process_index :: self.state.num_processes
-        ]
-        self.sampler = HFSampler(
-            self.model, self.tokenizer, batch_size=config.eval.batch_size, bf16=self.bf16
-        )
-        self.seed = t.seed * 1009 + round_index * 31 + self.state.process_index
-
-    def sample(self) -> list[Group]:
-        o = self.cfg.online
-        params = SamplingParams(
-            max_new_tokens=o.max_new_tokens,
-            temperature=o.temperature,
-            top_p=o.top_p,
-            top_k=o.top_k,
-            n=o.samples_per_prompt,
-            seed=self.seed,
-        )
-        out = self.sampler.generate([it.prompt_ids for it in self.items], params)
-        return [
-            Group(
-                it.prompt,
-                [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples],
-                [],
-                it.fields,
+    def __init__(self, config: Config, spec: LossSpec) -> None:
+        self.config, self.spec = config, spec
+        if self.fine_tunes_on_samples and spec.data != "completions":
+            raise UserError(
+                f"loop.kind={config.loop.kind} fine-tunes on kept samples; use loss.name=sft, not {spec.name}"
             )
-            for it, samples in zip(self.items, out)
-        ]
 
-    def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        prompts = [
-            self.tokenizer(
-                self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False,
-            )["input_ids"]
-            for c in conversations
-        ]
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=self.cfg.online.temperature,
-            top_p=self.cfg.online.top_p,
-            seed=self.seed + 7,
-        )
+    def label(self, session: SamplingSession, groups: list[Group]) -> tuple[list[dict], dict]:
+        """This process's training rows (written to data.jsonl) and numbers about them (stats.json)."""
+        return label(session, groups, self.spec.data)
+
+    def steps(self, rdir: Path) -> list[TrainingStep]:
+        return [TrainingStep("train", rdir / "data.jsonl")]
+
+    def start_model(self, base: str, policy: str) -> str:
+        """The model the round's first training step starts from."""
+        return policy
+
+
+class Iterative(LoopKind):
+    """Online KTO / DPO: label the samples (binary or pairs, as the loss needs), train the current policy."""
+
+
+class ReST(LoopKind):
+    """Grow: score the samples; Improve: one training step per rising threshold, each on the samples at or
+    above it, each starting from the previous step's model."""
+
+    fine_tunes_on_samples = True
+
+    def __init__(self, config: Config, spec: LossSpec) -> None:
+        super().__init__(config, spec)
+        try:
+            self.thresholds = [float(x) for x in config.loop.improve_thresholds.split(",")]
+        except ValueError:
+            raise UserError(
+                f"loop.improve_thresholds={config.loop.improve_thresholds!r}: expected numbers, comma separated"
+            ) from None
+
+    def label(self, session: SamplingSession, groups: list[Group]) -> tuple[list[dict], dict]:
+        session.score(groups)
+        return [], {}  # the Improve steps filter the scored samples at each threshold
+
+    def steps(self, rdir: Path) -> list[TrainingStep]:
         return [
-            self.tokenizer.decode(s[0].token_ids, skip_special_tokens=True)
-            for s in self.sampler.generate(prompts, params)
+            TrainingStep(f"improve-{i}", rdir / f"improve-{i}.jsonl", threshold)
+            for i, threshold in enumerate(self.thresholds, start=1)
         ]
 
-    def judge(self) -> JudgeLabeller:
-        loop = self.cfg.loop
-        if loop.judge == "self":
-            complete = LocalJudge(self.model, self.tokenizer, bf16=self.bf16)
-        elif loop.judge == "http":
-            if not (loop.judge_url and loop.judge_model):
-                raise UserError("loop.judge=http needs loop.judge_url and loop.judge_model")
-            complete = HTTPJudge(loop.judge_url, loop.judge_model, loop.judge_key_env)
-        else:
-            model, tokenizer = load_model(ModelConfig(name=loop.judge))
-            complete = LocalJudge(model.to(self.state.device), tokenizer, bf16=self.bf16)
-        return JudgeLabeller(complete, cot=loop.judge_cot)
 
-    def gather(self, rows: list[dict]) -> list[dict]:
-        return gather_object(rows) if self.state.num_processes > 1 else rows
+class ReSTEM(LoopKind):
+    """E-step: keep the samples the signal marks correct; M-step: fine-tune the base model on them."""
+
+    fine_tunes_on_samples = True
+
+    def start_model(self, base: str, policy: str) -> str:
+        return base
+
+
+class Constitutional(LoopKind):
+    """The policy critiques and revises its samples against the constitution; it trains on the revisions."""
+
+    labels_with_reward = False
+    fine_tunes_on_samples = True
+
+    def __init__(self, config: Config, spec: LossSpec) -> None:
+        super().__init__(config, spec)
+        self.rules = principles(config)
+
+    def label(self, session: SamplingSession, groups: list[Group]) -> tuple[list[dict], dict]:
+        return critique_and_revise(session, groups, self.rules), {}
+
+
+LOOP_KINDS: dict[str, type[LoopKind]] = {
+    "iterative": Iterative,
+    "rest": ReST,
+    "rest_em": ReSTEM,
+    "constitutional": Constitutional,
+}
 
 
 def principles(config: Config) -> list[str]:
@@ -168,32 +169,31 @@ def principles(config: Config) -> list[str]:
     return found
 
 
-def score(groups: list[Group], config: Config, device, bf16: bool) -> None:
-    reward = load_reward(config.online, device, bf16)
-    flat = [(g, c) for g in groups for c in g.completions]
-    values = (
-        reward([g.prompt for g, _ in flat], [c for _, c in flat], [g.fields for g, _ in flat]) if flat else []
-    )
-    offset = 0
-    for group in groups:
-        group.scores = values[offset : offset + len(group.completions)]
-        offset += len(group.completions)
+def make_judge(session: SamplingSession) -> JudgeLabeller:
+    """loop.judge: the policy itself, a local model, or an HTTP endpoint."""
+    loop = session.config.loop
+    if loop.judge == "self":
+        complete = LocalJudge(session.model, session.tokenizer, bf16=session.bf16)
+    elif loop.judge == "http":
+        if not (loop.judge_url and loop.judge_model):
+            raise UserError("loop.judge=http needs loop.judge_url and loop.judge_model")
+        complete = HTTPJudge(loop.judge_url, loop.judge_model, loop.judge_key_env)
+    else:
+        model, tokenizer = load_model(ModelConfig(name=loop.judge))
+        complete = LocalJudge(model.to(session.device), tokenizer, bf16=session.bf16)
+    return JudgeLabeller(complete, cot=loop.judge_cot)
 
 
-def label(
-    rnd: Round, groups: list[Group], needs: str, threshold: float | None = None
-) -> tuple[list[dict], dict]:
+def label(session: SamplingSession, groups: list[Group], needs: str) -> tuple[list[dict], dict]:
     """Training rows in the shape the loss needs, and numbers about them."""
-    loop, o = rnd.cfg.loop, rnd.cfg.online
-    rng = random.Random(rnd.seed)
+    loop, o = session.config.loop, session.config.online
+    rng = random.Random(session.seed)
     stats: dict = {}
-    if loop.judge != "none" and needs == "paired" and loop.judge_mode == "compare":
-        judge = rnd.judge()
-        rows = judge.judged_pairs(groups, rng)
-        stats.update(judge.report())
-        return rows, stats
     if loop.judge != "none":
-        judge = rnd.judge()
+        judge = make_judge(session)
+        if needs == "paired" and loop.judge_mode == "compare":
+            rows = judge.judged_pairs(groups, rng)
+            return rows, judge.report()
         flat = [(g, c) for g in groups for c in g.completions]
         ratings = judge.rate([g.prompt for g, _ in flat], [c for _, c in flat])
         stats.update(judge.report())
@@ -205,7 +205,7 @@ def label(
             group.completions = [group.completions[i] for i in keep]
             group.scores = [values[i] for i in keep]
     elif o.reward_model or o.reward_function:
-        score(groups, rnd.cfg, rnd.state.device, rnd.bf16)
+        session.score(groups)
     else:
         raise UserError(
             "online loops need a labeller: online.reward_model, online.reward_function or loop.judge"
@@ -220,13 +220,13 @@ def label(
     elif needs == "paired":
         rows = select_pairs(groups, loop.pair_selection, loop.pair_min_gap, rng)
     else:
-        rows = filtered(groups, loop.threshold_value if threshold is None else threshold)
+        rows = filtered(groups, loop.threshold_value)
     return rows, stats
 
 
-def critique_and_revise(rnd: Round, groups: list[Group], rules: list[str]) -> list[dict]:
+def critique_and_revise(session: SamplingSession, groups: list[Group], rules: list[str]) -> list[dict]:
     """Constitutional AI, supervised stage: for each sample, a critique and then a revision by the policy."""
-    rng = random.Random(rnd.seed)
+    rng = random.Random(session.seed)
     chosen = [(g, c, rng.choice(rules)) for g in groups for c in g.completions]
     first = [
         [
@@ -236,12 +236,13 @@ def critique_and_revise(rnd: Round, groups: list[Group], rules: list[str]) -> li
         ]
         for g, c, p in chosen
     ]
-    critiques = rnd.chat(first, rnd.cfg.online.max_new_tokens)
+    max_new_tokens = session.config.online.max_new_tokens
+    critiques = session.chat(first, max_new_tokens)
     second = [
         [*conv, {"role": "assistant", "content": critique}, {"role": "user", "content": REVISE}]
         for conv, critique in zip(first, critiques)
     ]
-    revisions = rnd.chat(second, rnd.cfg.online.max_new_tokens)
+    revisions = session.chat(second, max_new_tokens)
     return [
         {"prompt": g.prompt, "completion": r, "original": c, "critique": k, "principle": p}
         for (g, c, p), k, r in zip(chosen, critiques, revisions)
@@ -249,23 +250,18 @@ def critique_and_revise(rnd: Round, groups: list[Group], rules: list[str]) -> li
     ]
 
 
-def sample_round(config: Config, policy: str, k: int, rdir: Path, needs: str, rules: list[str]) -> None:
+def sample_round(config: Config, kind: LoopKind, policy: str, k: int, rdir: Path) -> None:
     """Sample from `policy`, label, and write samples.jsonl, data.jsonl and stats.json for round k."""
     state = PartialState()
-    rnd = Round(config, policy, k - 1)
-    groups = rnd.sample()
-    if config.loop.kind == "constitutional":
-        rows, stats = critique_and_revise(rnd, groups, rules), {}
-    elif config.loop.kind == "rest":
-        rows, stats = [], {}  # the Improve steps filter the scored samples at each threshold
-        score(groups, config, rnd.state.device, rnd.bf16)
-    else:
-        rows, stats = label(rnd, groups, needs)
-    samples, rows = rnd.gather([dataclasses.asdict(g) for g in groups]), rnd.gather(rows)
-    del rnd
+    # Each round samples the next window of prompts, with its own seed.
+    session = SamplingSession(config, policy, window=k - 1, seed=config.train.seed * 1009 + (k - 1) * 31)
+    groups = session.sample()
+    rows, stats = kind.label(session, groups)
+    samples, rows = session.gather([dataclasses.asdict(g) for g in groups]), session.gather(rows)
+    del session
     if state.is_main_process:
         write_jsonl(rdir / "data.jsonl", rows)
-        (rdir / "stats.json").write_text(json.dumps(stats))
+        write_text_atomic(rdir / "stats.json", json.dumps(stats))
         write_jsonl(rdir / "samples.jsonl", samples)  # written last: its presence means the step is complete
     state.wait_for_everyone()
 
@@ -283,19 +279,9 @@ def run_loop(config: Config) -> Path:
     loop = config.loop
     if loop.rounds < 1:
         raise UserError(f"loop.rounds={loop.rounds}: expected at least 1")
-    if loop.kind in ("rest", "rest_em", "constitutional") and spec.data != "completions":
-        raise UserError(
-            f"loop.kind={loop.kind} fine-tunes on kept samples; use loss.name=sft, not {spec.name}"
-        )
-    rules = principles(config) if loop.kind == "constitutional" else []
-    try:
-        thresholds = [float(x) for x in loop.improve_thresholds.split(",")] if loop.kind == "rest" else [None]
-    except ValueError:
-        raise UserError(
-            f"loop.improve_thresholds={loop.improve_thresholds!r}: expected numbers, comma separated"
-        ) from None
+    kind = LOOP_KINDS[loop.kind](config, spec)
     run = RunDir(config)
-    if loop.judge == "none" and loop.kind != "constitutional":
+    if loop.judge == "none" and kind.labels_with_reward:
         check_reward(config.online)
     # Bad model paths and bad prompt files fail here, before the run directory exists.
     resolve_model_source(config.model)
@@ -314,47 +300,40 @@ def run_loop(config: Config) -> Path:
         started = time.perf_counter()
         rdir.mkdir(parents=True, exist_ok=True)
         if not (rdir / "samples.jsonl").is_file():
-            sample_round(config, policy, k, rdir, spec.data, rules)
+            sample_round(config, kind, policy, k, rdir)
         groups = [Group(**g) for g in read_jsonl(rdir / "samples.jsonl")]
-        start_model = base if loop.kind == "rest_em" else policy
-        for step, threshold in enumerate(thresholds, start=1):
-            name = f"improve-{step}" if loop.kind == "rest" else "train"
-            data_file = rdir / f"{name}.jsonl" if loop.kind == "rest" else rdir / "data.jsonl"
-            if loop.kind == "rest" and not data_file.is_file() and state.is_main_process:
-                write_jsonl(data_file, filtered(groups, threshold))
+        start_model = kind.start_model(base, policy)
+        for i, step in enumerate(kind.steps(rdir)):
+            if step.keep_above is not None and not step.data_file.is_file() and state.is_main_process:
+                write_jsonl(step.data_file, filtered(groups, step.keep_above))
             state.wait_for_everyone()
-            rows = read_jsonl(data_file)
+            rows = read_jsonl(step.data_file)
             if not rows:
                 raise UserError(
-                    f"{data_file}: round {k} produced no training data; lower the threshold or sample more"
+                    f"{step.data_file}: round {k} produced no training data; lower the threshold or sample more"
                 )
-            out = rdir / name
-            train_cfg = dataclasses.replace(
-                config.train,
-                output_dir=str(out),
-                resume=(out / "prospect-run.json").is_file(),
-                overwrite=False,
+            out = rdir / step.name
+            step_config = nested_run(
+                config,
+                step.data_file,
+                out,
                 reference_model=base if loop.reference == "base" and start_model != base else None,
             )
-            data_cfg = dataclasses.replace(
-                config.data,
-                train=str(data_file),
-                train_split="train",
-                format="auto",
-                eval=config.data.eval or config.data.train,
-                limit=0,
-            )
-            eval_cfg = dataclasses.replace(config.eval, before=k == 1 and step == 1)
-            model_cfg = dataclasses.replace(config.model, name=start_model)
             make_trainer(
-                dataclasses.replace(config, model=model_cfg, data=data_cfg, train=train_cfg, eval=eval_cfg)
+                dataclasses.replace(
+                    step_config,
+                    model=dataclasses.replace(config.model, name=start_model),
+                    # Only the loop's first training run evaluates before training: later ones would repeat
+                    # the evaluation the previous run ended with.
+                    eval=dataclasses.replace(config.eval, before=k == 1 and i == 0),
+                )
             ).train()
             start_model = str(out / "final")
         policy = start_model
         if state.is_main_process:
             history.append(round_record(k, policy, len(rows), rdir, time.perf_counter() - started))
             write_jsonl(run.path / "rounds.jsonl", history)
-            (rdir / "DONE").write_text(policy)
+            write_text_atomic(rdir / "DONE", policy)
         state.wait_for_everyone()
     return run.path
 

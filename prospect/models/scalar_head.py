@@ -21,9 +21,10 @@ from transformers import (
 )
 
 from prospect.config import ModelConfig
-from prospect.data.batching import Sequences
+from prospect.data.batching import Sequences, pad
+from prospect.data.layout import SegmentLayout
 from prospect.errors import UserError
-from prospect.models.attention import SegmentLayout, model_inputs, unwrapped
+from prospect.models.attention import model_inputs, unwrapped
 from prospect.models.loading import (
     attention_kwargs,
     first_line,
@@ -82,6 +83,27 @@ def last_token_positions(seqs: Sequences, pad_id: int | None) -> torch.Tensor:
         keep = torch.where(has[index.clamp(min=0)], not_pad, keep)
     positions = torch.full((seqs.num_sequences,), -1, dtype=torch.long, device=index.device)
     return positions.scatter_reduce(0, index[keep], flat[keep], reduce="amax")
+
+
+def score_in_batches(
+    scorer: ScalarScorer,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    batch_size: int = 32,
+) -> list[float]:
+    """The scorer's score of each (prompt, completion) token list, batched longest first so batches hold
+    similar lengths."""
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(completions[i])))
+    out = [0.0] * len(prompts)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            seqs = pad([prompts[i] for i in chunk], [completions[i] for i in chunk], pad_id).to(device)
+            for i, value in zip(chunk, scorer.sequence_scores(seqs, pad_id).tolist()):
+                out[i] = value
+    return out
 
 
 def load_reward_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

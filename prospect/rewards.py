@@ -1,4 +1,7 @@
-"""Where online methods get rewards: a trained reward model, or any Python function given by import path."""
+"""Reward sources: a trained reward model, or any Python function given by import path.
+
+One interface, `RewardFn(prompts, completions, fields) -> scores`, used by the online loops, PPO, best-of-N and
+the held-out judge, so this module sits below all of them."""
 
 from __future__ import annotations
 
@@ -10,11 +13,13 @@ from pathlib import Path
 import torch
 
 from prospect.config import ModelConfig, OnlineConfig
-from prospect.data.formats import Text
+from prospect.data.formats import Text, parse_example
+from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
-from prospect.evaluation.rewards import score_in_batches
+from prospect.io import write_jsonl
 from prospect.models.loading import looks_local
+from prospect.models.scalar_head import ScalarScorer, load_reward_model, score_head, score_in_batches
 
 RewardFn = Callable[..., list[float]]  # (prompts, completions, fields per prompt or None) -> scores
 
@@ -24,8 +29,6 @@ class ModelReward:
     template, so the policy and reward model need not share a tokenizer."""
 
     def __init__(self, path: str, device: torch.device, bf16: bool, max_length: int = 1024):
-        from prospect.models.reward import ScalarScorer, load_reward_model, score_head
-
         model, self.tokenizer = load_reward_model(ModelConfig(name=path))
         model.requires_grad_(False)
         model.eval().to(device)
@@ -44,7 +47,7 @@ class ModelReward:
         ]
         pad_id = self.tokenizer.pad_token_id
         return score_in_batches(
-            lambda seqs: self.scorer.sequence_scores(seqs, pad_id),
+            self.scorer,
             [i.prompt_ids for i in items],
             [i.completion_ids for i in items],
             pad_id,
@@ -102,3 +105,34 @@ def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn
     if cfg.reward_function:
         return FunctionReward(cfg.reward_function)
     return ModelReward(cfg.reward_model, device, bf16)
+
+
+def score_file(
+    model: str,
+    data: str,
+    output: str,
+    max_length: int = 1024,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> int:
+    """Score every {prompt, completion} row of `data` with a trained reward model; write the rows, each with
+    a "score" field, to `output` (JSONL). Returns the number of rows."""
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; pass --overwrite to replace it")
+    rows = read_rows(data, "train")
+    examples = [parse_example(row, "completions") for row in rows]
+    reward_model, tokenizer = load_reward_model(ModelConfig(name=model, trust_remote_code=trust_remote_code))
+    reward_model.eval()
+    scorer = ScalarScorer(reward_model, score_head(reward_model))
+    encoder = Encoder(tokenizer, max_length, max_length // 2)
+    items = [encoder.encode(e.prompt, e.completion, None, e.location) for e in examples]
+    scores = score_in_batches(
+        scorer,
+        [i.prompt_ids for i in items],
+        [i.completion_ids for i in items],
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+    )
+    write_jsonl(out, ({**row.values, "score": value} for row, value in zip(rows, scores)))
+    return len(rows)

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prospect.config import DataConfig
-from prospect.data.batching import pad
+from prospect.config import DataConfig, EvalConfig
 from prospect.data.convert import to_groups
 from prospect.data.formats import Example, parse_rows
+from prospect.data.shapes import DataShape, sequences_of
 from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
-from prospect.evaluation.judges import Judge
+from prospect.evaluation.judges import Judge, get_judge
+from prospect.models.scalar_head import ScalarScorer, score_in_batches
 
 ScoreFn = Callable[[list[list[int]], list[list[int]]], list[float]]
 
@@ -39,26 +40,6 @@ class RewardEval:
             ("Pearson r with ratings", self.pearson_r, self.judge.get("pearson_r")),
             ("sign accuracy", self.sign_accuracy, self.judge.get("sign_accuracy")),
         ]
-
-
-def score_in_batches(
-    score: Callable,
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    pad_id: int,
-    device: torch.device,
-    batch_size: int = 32,
-) -> list[float]:
-    """Scores of (prompt, completion) token lists, longest first so batches hold similar lengths."""
-    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(completions[i])))
-    out = [0.0] * len(prompts)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            seqs = pad([prompts[i] for i in chunk], [completions[i] for i in chunk], pad_id).to(device)
-            for i, value in zip(chunk, score(seqs).tolist()):
-                out[i] = value
-    return out
 
 
 def evaluate_rewards(
@@ -125,49 +106,52 @@ def text_of(text) -> str:
     return text if isinstance(text, str) else " ".join(m["content"] for m in text if m["role"] == "assistant")
 
 
-def score_file(
-    model: str,
-    data: str,
-    output: str,
-    max_length: int = 1024,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-) -> int:
-    """Score every {prompt, completion} row of `data` with a trained reward model; write the rows, each with
-    a "score" field, to `output` (JSONL). Returns the number of rows."""
-    import json
-    from pathlib import Path
+class RewardModelEvaluation:
+    """Before and after training a reward model: accuracy on held-out comparisons and agreement with held-out
+    ratings, beside the judge's. Bradley-Terry scores (ranked data) have no natural zero, so sign accuracy
+    splits them at the mean score of (up to 256 of) the training lists."""
 
-    from prospect.config import ModelConfig
-    from prospect.models.reward import ScalarScorer, load_reward_model, score_head
+    result_type = RewardEval
 
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: exists; pass --overwrite to replace it")
-    rows = read_rows(data, "train")
-    examples = [parse_example_row(row) for row in rows]
-    reward_model, tokenizer = load_reward_model(ModelConfig(name=model, trust_remote_code=trust_remote_code))
-    reward_model.eval()
-    scorer = ScalarScorer(reward_model, score_head(reward_model))
-    encoder = Encoder(tokenizer, max_length, max_length // 2)
-    items = [encoder.encode(e.prompt, e.completion, None, e.location) for e in examples]
-    scores = score_in_batches(
-        lambda seqs: scorer.sequence_scores(seqs, tokenizer.pad_token_id),
-        [i.prompt_ids for i in items],
-        [i.completion_ids for i in items],
-        tokenizer.pad_token_id,
-        torch.device("cpu"),
-    )
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as handle:
-        for row, value in zip(rows, scores):
-            handle.write(json.dumps({**row.values, "score": value}, default=str) + "\n")
-    tmp.replace(out)
-    return len(rows)
+    def __init__(
+        self,
+        data: DataConfig,
+        cfg: EvalConfig,
+        encoder: Encoder,
+        pad_id: int,
+        device: torch.device,
+        seed: int,
+        train_items: list,
+        shape: DataShape,
+        verbose: bool = True,
+    ):
+        self.data, self.cfg, self.encoder, self.pad_id, self.device = data, cfg, encoder, pad_id, device
+        self.seed, self.train_items, self.shape, self.verbose = seed, train_items, shape, verbose
 
+    def __call__(self, scorer: ScalarScorer, reference: object, when: str) -> RewardEval:
+        def score(prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+            return score_in_batches(scorer, prompts, completions, self.pad_id, self.device)
 
-def parse_example_row(row) -> Example:
-    """Any row with a prompt and a completion (labels and ratings, if present, are kept in the output only)."""
-    from prospect.data.formats import parse_example
+        threshold = 0.0
+        if self.shape == "ranked":
+            threshold = statistics.fmean(score(*sequences_of(self.train_items[:256], self.shape)))
+        result = evaluate_rewards(
+            score,
+            self.encoder,
+            self.data,
+            get_judge(self.cfg.judge),
+            threshold,
+            self.cfg.num_prompts,
+            self.seed,
+        )
+        if self.verbose:
+            judge = self.cfg.judge
+            print(f"{when}: {'':24}{'model':>8}{judge if judge != 'none' else '':>8}", flush=True)
+            for name, model_value, judge_value in result.rows():
+                if model_value is not None:
+                    shown = f"{judge_value:>8.3f}" if judge_value is not None else ""
+                    print(f"  {name:28}{model_value:>8.3f}{shown}", flush=True)
+        return result
 
-    return parse_example(row, "completions")
+    def report(self, before: RewardEval, after: RewardEval, path: object) -> None:
+        """The rows were printed as each evaluation ran."""

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prospect.config import opt
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of, register
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of
+from prospect.options import opt
 
 
 @dataclass
@@ -73,11 +73,11 @@ def regression_loss(x: LossInputs, p: RegressionParams) -> LossOutput:
     return LossOutput(error**2, metrics, {})
 
 
-for name, compute, params, data in (
-    ("reward_bt", bradley_terry_loss, BTParams, "ranked"),
-    ("reward_margin", bradley_terry_loss, MarginParams, "ranked"),
-    ("reward_regression", regression_loss, RegressionParams, "rated"),
-):
-    register(
-        LossSpec(name=name, compute=compute, params=params, data=data, needs_reference=False, model="reward")
+SPECS = [
+    LossSpec(name=name, compute=compute, params=params, data=data, needs_reference=False, model="reward")
+    for name, compute, params, data in (
+        ("reward_bt", bradley_terry_loss, BTParams, "ranked"),
+        ("reward_margin", bradley_terry_loss, MarginParams, "ranked"),
+        ("reward_regression", regression_loss, RegressionParams, "rated"),
     )
+]

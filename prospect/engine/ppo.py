@@ -11,21 +11,24 @@ Setup, the reference, checkpoints, logging and held-out evaluation are the engin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from prospect.data.batching import Sequences, microbatch_slice, pad, step_indices
+from prospect.config import Config
+from prospect.data.batching import Sequences, pad
 from prospect.engine.metrics import StepStats
-from prospect.engine.trainer import Trainer
+from prospect.engine.trainer import StepResult, Trainer
 from prospect.errors import UserError
+from prospect.losses.advantages import gae, masked_mean, whiten
 from prospect.losses.base import LossInputs, TokenInputs
+from prospect.losses.kl_control import KLController
 from prospect.losses.ppo import kl_penalty
-from prospect.models.reward import ScalarScorer, load_reward_model, score_head
-from prospect.models.sampling import HFSampler, SamplingParams
+from prospect.models.sampling import HFSampler, rollout_params
+from prospect.models.scalar_head import ScalarScorer, load_reward_model, score_head
 from prospect.models.scoring import TokenScorer
-from prospect.online.advantages import gae, masked_mean, whiten
-from prospect.online.kl_control import KLController
-from prospect.online.rewards import check_reward, load_reward
+from prospect.rewards import check_reward, load_reward
 
 
 class ActorCritic(nn.Module):
@@ -45,7 +48,14 @@ class ActorCritic(nn.Module):
     def sequence_logps(self, seqs: Sequences) -> torch.Tensor:
         return self.actor.sequence_logps(seqs)
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, mode: str = "logps"):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        completion_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        mode: str = "logps",
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """mode 'logps': token log-probs; 'values': (log-probs, None, values); 'train': (log-probs, entropy,
         values). Values are aligned with the next-token positions, [rows, T-1]."""
         if mode == "logps":
@@ -77,7 +87,7 @@ def take(seqs: Sequences, rows: torch.Tensor) -> tuple[Sequences, int]:
 
 
 class PPOTrainer(Trainer):
-    def __init__(self, config, callbacks=None):
+    def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
         super().__init__(config, callbacks)
         p, online = self.params, config.online
         if config.train.grad_accum != 1:
@@ -91,7 +101,7 @@ class PPOTrainer(Trainer):
         self.sampler = HFSampler(
             self.accelerator.unwrap_model(self.policy).model,
             self.tokenizer,
-            batch_size=max(config.eval.batch_size, 1),
+            batch_size=online.batch_size,
             bf16=self.bf16,
         )
 
@@ -124,25 +134,19 @@ class PPOTrainer(Trainer):
     def updates_per_step(self) -> int:
         return self.params.ppo_epochs * self.params.minibatches
 
-    def extra_state(self) -> dict:
+    def loop_state(self) -> dict:
         return {"kl_coef": self.kl.coef}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_loop_state(self, state: dict) -> None:
         self.kl.coef = state.get("kl_coef", self.kl.coef)
 
     # ----- one rollout and its updates ----------------------------------------------------------
     def rollout(self) -> dict:
-        t, o = self.cfg.train, self.cfg.online
         rank = self.accelerator.process_index
-        indices = step_indices(len(self.data.items), self.global_batch, t.seed, self.step)
-        prompts = [self.data.items[i] for i in microbatch_slice(indices, 0, rank, self.world, t.batch_size)]
-        params = SamplingParams(
-            max_new_tokens=o.max_new_tokens,
-            temperature=o.temperature,
-            top_p=o.top_p,
-            top_k=o.top_k,
-            n=o.samples_per_prompt,
-            seed=t.seed * 1_000_003 + self.step * self.world + rank,
+        (indices,) = self.order.microbatches(self.step, rank)
+        prompts = [self.data.items[i] for i in indices]
+        params = rollout_params(
+            self.cfg.online, self.cfg.train.seed * 1_000_003 + self.step * self.world + rank
         )
         samples = self.sampler.generate([p.prompt_ids for p in prompts], params)
         rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
@@ -177,6 +181,7 @@ class PPOTrainer(Trainer):
             "kl": kl.sum(-1),
             "lengths": mask.sum(-1),
             "finished": torch.tensor([float(s.finished) for _, s in rows]),
+            "locations": [p.location for p, _ in rows],
         }
 
     def train_step(self) -> dict[str, float]:
@@ -188,7 +193,7 @@ class PPOTrainer(Trainer):
         generator = torch.Generator().manual_seed(
             self.cfg.train.seed * 7919 + self.step * self.world + acc.process_index
         )
-        grad_norm = 0.0
+        grad_norm, skipped = 0.0, 0
         for _ in range(p.ppo_epochs):
             for rows in torch.randperm(n, generator=generator).chunk(p.minibatches):
                 rows = rows.to(self.device)
@@ -212,15 +217,14 @@ class PPOTrainer(Trainer):
                 )
                 out = self.spec.compute(LossInputs(tokens=tokens), self.params)
                 units = acc.reduce(tokens.mask.sum(), "sum")
-                acc.backward(out.losses.sum() * self.world / units)
+                loss = out.losses.sum() * self.world / units
+                acc.backward(loss)
                 for name, (total, count) in out.means.items():
                     stats.add_mean(name, total, count)
-                params = [q for q in self.policy.parameters() if q.requires_grad]
-                max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
-                grad_norm = float(acc.clip_grad_norm_(params, max_norm))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                total_loss = float(acc.reduce(loss.detach(), "sum")) / self.world
+                locations = [batch["locations"][i] for i in rows.tolist()]
+                grad_norm, updated = self.optimizer_step(total_loss, locations)
+                skipped += not updated
         mask = batch["mask"]
         residual = (batch["returns"] - batch["old_values"]) * mask
         for name, values in (
@@ -247,5 +251,7 @@ class PPOTrainer(Trainer):
         metrics["reward"] = metrics["score"] - self.kl.coef * metrics["kl"]
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if skipped:
+            metrics["skipped"] = float(skipped)
         self.kl.update(metrics["kl"], self.global_batch * self.cfg.online.samples_per_prompt)
         return metrics

@@ -1,0 +1,125 @@
+"""What the outer online loops share: a policy loaded for sampling on this process's share of the prompts
+(`SamplingSession`), and the config of the ordinary training run nested in a loop (`nested_run`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from prospect.config import Config
+from prospect.data.pipeline import encode_all, read_training
+from prospect.data.tokenize import Encoder
+from prospect.engine.rundir import MARKER
+from prospect.models.loading import load_model
+from prospect.models.precision import use_bf16
+from prospect.models.sampling import HFSampler, Sample, SamplingParams, rollout_params
+from prospect.online.labellers import Group, chat_prompt_ids
+from prospect.rewards import load_reward
+
+Row = TypeVar("Row")
+
+
+class SamplingSession:
+    """One policy, loaded for sampling, and this process's share of a window of the training prompts.
+
+    Window `w` holds the `online.prompts` prompts from `w * online.prompts` on, wrapping around the end
+    (every prompt when online.prompts is 0): online rounds move one window per round, best-of-N takes the
+    first. `seed` is the process's sampling seed, before the process index is added to it."""
+
+    def __init__(self, config: Config, model_source: str, window: int, seed: int) -> None:
+        self.config = config
+        self.state = PartialState()
+        self.model, self.tokenizer = load_model(dataclasses.replace(config.model, name=model_source))
+        self.model.to(self.state.device)
+        self.bf16 = use_bf16(config.train.precision, self.state.device)
+        prompts = read_training(config.data, "prompts", config.train.seed)
+        per_window = config.online.prompts or len(prompts)
+        start = (window * per_window) % len(prompts)
+        chosen = (prompts + prompts)[start : start + min(per_window, len(prompts))]
+        encoder = Encoder(self.tokenizer, config.data.max_length, config.data.max_prompt_length)
+        self.items = encode_all(chosen, encoder, prompts_only=True).items[
+            self.state.process_index :: self.state.num_processes
+        ]
+        self.sampler = HFSampler(
+            self.model, self.tokenizer, batch_size=config.online.batch_size, bf16=self.bf16
+        )
+        self.seed = seed + self.state.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    def sample(self) -> list[Group]:
+        """`online.samples_per_prompt` completions of each of this process's prompts, not yet scored."""
+        out = self.sampler.generate(
+            [it.prompt_ids for it in self.items], rollout_params(self.config.online, self.seed)
+        )
+        return [
+            Group(it.prompt, completions, [], it.fields)
+            for it, completions in zip(self.items, self.decode(out))
+        ]
+
+    def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """One reply by the policy to each conversation, through its chat template."""
+        o = self.config.online
+        # Its own seed, so replies never repeat the random stream the round's samples were drawn with.
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=o.temperature, top_p=o.top_p, seed=self.seed + 7
+        )
+        out = self.sampler.generate(chat_prompt_ids(self.tokenizer, conversations), params)
+        return [replies[0] for replies in self.decode(out)]
+
+    def decode(self, samples: list[list[Sample]]) -> list[list[str]]:
+        return [
+            [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group] for group in samples
+        ]
+
+    def release(self) -> None:
+        """Free the policy (before a reward model loads); scoring and gathering still work."""
+        del self.model, self.sampler
+
+    def score(self, groups: list[Group]) -> None:
+        """Fill each group's scores with the reward model's or function's (online.reward_*)."""
+        reward = load_reward(self.config.online, self.device, self.bf16)
+        flat = [(g, c) for g in groups for c in g.completions]
+        values = (
+            reward([g.prompt for g, _ in flat], [c for _, c in flat], [g.fields for g, _ in flat])
+            if flat
+            else []
+        )
+        offset = 0
+        for group in groups:
+            group.scores = values[offset : offset + len(group.completions)]
+            offset += len(group.completions)
+
+    def gather(self, rows: list[Row]) -> list[Row]:
+        """Every process's rows, in process order, on every process."""
+        return gather_object(rows) if self.state.num_processes > 1 else rows
+
+
+def nested_run(
+    config: Config, data_file: Path, output_dir: Path, data_format: str = "auto", **train_overrides: object
+) -> Config:
+    """The config of the ordinary training run nested in an online run: it trains on `data_file`, evaluates on
+    the outer run's held-out data (or its prompts), writes to `output_dir`, and resumes there if a run was
+    started (its marker exists) unless `train_overrides` say otherwise."""
+    data = dataclasses.replace(
+        config.data,
+        train=str(data_file),
+        train_split="train",
+        format=data_format,
+        eval=config.data.eval or config.data.train,
+        limit=0,
+    )
+    train_values = {
+        "output_dir": str(output_dir),
+        "resume": (output_dir / MARKER).is_file(),
+        "overwrite": False,
+        **train_overrides,
+    }
+    return dataclasses.replace(config, data=data, train=dataclasses.replace(config.train, **train_values))

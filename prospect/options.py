@@ -1,0 +1,116 @@
+"""Typed options: a dataclass field declared with its help text, checked when read from YAML or the command
+line, with one-line errors that suggest the closest valid name. Knows nothing of what the options mean."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import field
+from typing import Any
+
+import yaml
+
+from prospect.errors import UserError
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text (and allowed values, for strings)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def coerce(value: Any, annotation: Any, where: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Check `value` against a field's type, accepting ints for floats; raise a one-line UserError."""
+    if isinstance(value, CommandLineText):
+        if annotation is str or (value.strip() and str in typing.get_args(annotation) and value != "null"):
+            value = str(value)
+        else:
+            try:
+                value = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError:
+                value = str(value)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, where, choices)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected a whole number, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise UserError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation}")
+
+
+def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a config dataclass from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{where}: unknown option '{key}'{suggest(key, known)}")
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}", known[key].metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-5` -> (['train', 'learning_rate'], '1e-5'), typed later by the option."""
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected section.key=value, e.g. train.learning_rate=1e-5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"override '{text}': expected section.key=value, e.g. loss.beta=0.2")
+    return parts, CommandLineText(raw)
+
+
+class CommandLineText(str):
+    """An override value as typed; read as YAML unless the option is a string."""
+
+
+def plain_value(value: Any) -> Any:
+    """A value for a section whose options are declared elsewhere (the loss's): command-line text read as YAML."""
+    if not isinstance(value, CommandLineText):
+        return value
+    try:
+        return yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return str(value)
+
+
+def describe_section(name: str, cls: type) -> list[str]:
+    """`name.option = default [choices]` and its help, for each option of a section."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        allowed = f" [{'|'.join(choices)}]" if choices else ""
+        lines.append(f"  {name}.{f.name} = {f.default!r}{allowed}")
+        lines.append(f"      {f.metadata['help']}")
+    return lines
