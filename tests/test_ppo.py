@@ -4,6 +4,7 @@ that learns to say "good" because a reward function pays for it."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from prospect.config import load_config
 from prospect.engine.factory import make_trainer
 from prospect.engine.ppo import PPOTrainer
+from prospect.errors import UserError
 from prospect.losses import get_loss
 from prospect.losses.advantages import gae, whiten
 from prospect.losses.base import LossInputs, TokenInputs
@@ -215,3 +217,40 @@ def test_best_of_n_keeps_the_best_and_fine_tunes_on_them(tiny_model_dir, kto_fil
     with pytest.raises(SystemExit) as exit_info:  # an existing run is not overwritten
         main(argv)
     assert exit_info.value.code == 2
+
+
+def reward_nan(prompt, completion: str) -> float:
+    return math.nan
+
+
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_ppo_nonfinite_update_is_stopped_or_skipped(on_nonfinite, tiny_model_dir, kto_file, tmp_path):
+    """A NaN reward makes every PPO update non-finite: `stop` ends the run with the examples named, `skip`
+    leaves the weights untouched and counts the skipped updates (the engine's one optimizer step)."""
+    out = tmp_path / on_nonfinite
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        kto_file,
+        out,
+        **{
+            "loss.name": "ppo",
+            "loss.critic": "shared",
+            "loss.ppo_epochs": 2,
+            "loss.minibatches": 2,
+            "online.reward_function": "tests.test_ppo:reward_nan",
+            "online.max_new_tokens": 4,
+            "train.max_steps": 2,
+            "train.on_nonfinite": on_nonfinite,
+        },
+    )
+    trainer = make_trainer(load_config(None, overrides))
+    initial = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    if on_nonfinite == "stop":
+        with pytest.raises(UserError, match=r"step 1: non-finite loss \(nan\).*examples: .*feedback.jsonl"):
+            trainer.train()
+        return
+    trainer.train()
+    for name, param in trainer.policy.named_parameters():
+        assert torch.equal(param, initial[name]), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["skipped"] for line in lines] == [4.0, 4.0]  # ppo_epochs x minibatches per step

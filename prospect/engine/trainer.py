@@ -20,7 +20,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -43,6 +42,7 @@ from prospect.data.pipeline import count, encode_all, read_training
 from prospect.data.shapes import make_batch
 from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
+from prospect.engine.checks import check_run_options
 from prospect.engine.heads import HEADS, RunContext
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
@@ -52,7 +52,7 @@ from prospect.io import write_text_atomic
 from prospect.losses import get_loss
 from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model
-from prospect.models.precision import use_bf16
+from prospect.models.precision import cpu_only, use_bf16
 from prospect.models.reference import (
     AdapterReference,
     FrozenReference,
@@ -70,16 +70,6 @@ log = logging.getLogger(__name__)
 class StepResult:
     step: int
     metrics: dict[str, float]
-
-
-def cpu_only() -> bool:
-    """No accelerator: every process runs on the CPU and multi-process launches are DDP over gloo."""
-    if torch.accelerator.is_available():
-        return False
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() == "true":
-            log.warning("%s needs GPUs; with none here the processes run DDP over gloo on the CPU", name)
-    return True
 
 
 class Trainer:
@@ -196,29 +186,8 @@ class Trainer:
 
     # ----- set-up -------------------------------------------------------------------------------
     def check_options(self) -> None:
-        t, m = self.cfg.train, self.cfg.model
-        point = self.spec.reference_point
-        if point is not None and t.batch_size < point.min_batch_size:
-            raise UserError(
-                f"train.batch_size={t.batch_size}: loss '{self.spec.name}' {point.why}, so it needs a batch "
-                f"size of at least {point.min_batch_size}"
-            )
-        for name in ("batch_size", "grad_accum"):
-            if getattr(t, name) < 1:
-                raise UserError(f"train.{name}: expected at least 1, got {getattr(t, name)}")
-        if t.reference_refresh_every and (m.lora_r > 0 or t.reference_cache):
-            raise UserError(
-                "train.reference_refresh_every needs full fine-tuning with train.reference_cache=false "
-                "(a refreshed reference cannot be the adapter-disabled model or a precomputed cache)"
-            )
-        if t.reference_cache and not self.spec.needs_reference:
-            raise UserError(f"train.reference_cache: loss '{self.spec.name}' uses no reference model")
-        if t.reference_model and (m.lora_r > 0 or t.reference == "adapter"):
-            raise UserError("train.reference_model needs train.reference=copy without LoRA")
-        if not 0 < t.reference_refresh_alpha <= 1:
-            raise UserError(
-                f"train.reference_refresh_alpha={t.reference_refresh_alpha}: expected a value in (0, 1]"
-            )
+        """Settings that only make sense together, checked before anything loads."""
+        check_run_options(self.cfg, self.spec)
 
     def trackers(self) -> list[str] | None:
         names = [n.strip() for n in self.cfg.train.report_to.split(",") if n.strip() and n.strip() != "none"]

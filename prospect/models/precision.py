@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -23,3 +24,13 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16" and not bf16_supported(device):
         log.warning("bf16 requested but %s has no fast bf16 matmuls; it will be slow", device)
     return precision == "bf16" or (precision == "auto" and bf16_supported(device))
+
+
+def cpu_only() -> bool:
+    """No accelerator: every process runs on the CPU and multi-process launches are DDP over gloo."""
+    if torch.accelerator.is_available():
+        return False
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() == "true":
+            log.warning("%s needs GPUs; with none here the processes run DDP over gloo on the CPU", name)
+    return True

@@ -1,0 +1,34 @@
+"""Run settings that only make sense together (a loss and its batch size, the reference and LoRA), checked
+before anything loads, each with a one-line error that says what to change."""
+
+from __future__ import annotations
+
+from prospect.config import Config
+from prospect.errors import UserError
+from prospect.losses.base import LossSpec
+
+
+def check_run_options(config: Config, spec: LossSpec) -> None:
+    t, m = config.train, config.model
+    point = spec.reference_point
+    if point is not None and t.batch_size < point.min_batch_size:
+        raise UserError(
+            f"train.batch_size={t.batch_size}: loss '{spec.name}' {point.why}, so it needs a batch "
+            f"size of at least {point.min_batch_size}"
+        )
+    for name in ("batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise UserError(f"train.{name}: expected at least 1, got {getattr(t, name)}")
+    if t.reference_refresh_every and (m.lora_r > 0 or t.reference_cache):
+        raise UserError(
+            "train.reference_refresh_every needs full fine-tuning with train.reference_cache=false "
+            "(a refreshed reference cannot be the adapter-disabled model or a precomputed cache)"
+        )
+    if t.reference_cache and not spec.needs_reference:
+        raise UserError(f"train.reference_cache: loss '{spec.name}' uses no reference model")
+    if t.reference_model and (m.lora_r > 0 or t.reference == "adapter"):
+        raise UserError("train.reference_model needs train.reference=copy without LoRA")
+    if not 0 < t.reference_refresh_alpha <= 1:
+        raise UserError(
+            f"train.reference_refresh_alpha={t.reference_refresh_alpha}: expected a value in (0, 1]"
+        )
