@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+):
 #   make demo   installs into .venv, then runs KTO on the embedded SmolLM2 + VADER data with a before/after report
-#   make test   installs into .venv, then runs the test suite (CI runs exactly this via .ci/run)
+#   make test   installs into .venv, then runs the test suite (CI runs it via .ci/run, after make lint)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,3 +29,5 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check prospect tests benchmarks
+	$(BIN)/ruff format --check prospect tests
+	$(BIN)/mypy

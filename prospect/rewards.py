@@ -90,21 +90,24 @@ class FunctionReward:
 
 def check_reward(cfg: OnlineConfig) -> None:
     """Fail on a bad reward setting before any work is done (or any run directory created)."""
-    if bool(cfg.reward_model) == bool(cfg.reward_function):
-        raise UserError("online: set exactly one of online.reward_model and online.reward_function")
-    if cfg.reward_function:
-        FunctionReward(cfg.reward_function)
-    elif looks_local(cfg.reward_model) and not Path(cfg.reward_model).expanduser().exists():
-        raise UserError(
-            f"online.reward_model={cfg.reward_model}: no such directory (train a reward model first)"
-        )
+    reward_source(cfg)
+
+
+def reward_source(cfg: OnlineConfig) -> FunctionReward | str:
+    """The reward function, or the reward model's path, of a checked reward setting."""
+    model, function = cfg.reward_model, cfg.reward_function
+    if function and not model:
+        return FunctionReward(function)
+    if model and not function:
+        if looks_local(model) and not Path(model).expanduser().exists():
+            raise UserError(f"online.reward_model={model}: no such directory (train a reward model first)")
+        return model
+    raise UserError("online: set exactly one of online.reward_model and online.reward_function")
 
 
 def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn:
-    check_reward(cfg)
-    if cfg.reward_function:
-        return FunctionReward(cfg.reward_function)
-    return ModelReward(cfg.reward_model, device, bf16)
+    source = reward_source(cfg)
+    return source if isinstance(source, FunctionReward) else ModelReward(source, device, bf16)
 
 
 def score_file(

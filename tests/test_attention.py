@@ -10,7 +10,7 @@ from prospect.data.layout import SegmentLayout, Span
 from prospect.data.packing import pack
 from prospect.models import attention
 from prospect.models.scoring import TokenScorer
-from tests.conftest import build_model
+from tests.helpers import build_model
 
 
 def pairs(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:

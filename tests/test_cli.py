@@ -8,7 +8,7 @@ import pytest
 
 from prospect.cli import main
 from prospect.config import SECTIONS
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ from prospect.data.shapes import make_batch
 from prospect.data.tokenize import Encoded, Encoder
 from prospect.errors import UserError
 from prospect.losses.kto import MismatchedPairsKL
-from tests.conftest import paired_rows, unpaired_rows, write_jsonl
+from tests.helpers import paired_rows, unpaired_rows, write_jsonl
 
 
 def write_all_formats(tmp_path, rows):

@@ -14,7 +14,7 @@ from prospect.config import load_config
 from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def make_trainer(tiny_model_dir, data, out, callbacks=None, **extra) -> Trainer:

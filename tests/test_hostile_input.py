@@ -17,7 +17,7 @@ from prospect.cli import main
 from prospect.config import DataConfig
 from prospect.data.pipeline import read_training
 from prospect.errors import UserError
-from tests.conftest import tiny_overrides, unpaired_rows, write_jsonl
+from tests.helpers import tiny_overrides, unpaired_rows, write_jsonl
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())

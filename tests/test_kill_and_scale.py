@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import paired_rows, tiny_overrides, varied_paired_rows, write_jsonl
+from tests.helpers import paired_rows, tiny_overrides, varied_paired_rows, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -14,7 +14,7 @@ from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
 from prospect.online.rounds import run_loop
 from prospect.online.session import SamplingSession, nested_run
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 from tests.test_labellers import StubJudge
 
 REWARD = "tests.test_loops:reward_letters"

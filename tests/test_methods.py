@@ -8,7 +8,7 @@ import torch
 from prospect.config import load_config
 from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
-from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, write_jsonl
+from tests.helpers import paired_rows, tiny_overrides, unpaired_rows, write_jsonl
 
 PAIRED = ["dpo", "cdpo", "robust_dpo", "ipo", "hinge", "slic", "simpo", "orpo"]
 

@@ -19,7 +19,7 @@ from prospect.losses.advantages import gae, whiten
 from prospect.losses.base import LossInputs, TokenInputs
 from prospect.losses.kl_control import KLController
 from prospect.losses.ppo import kl_penalty, policy_loss, value_loss
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_gae_by_hand():

@@ -13,7 +13,7 @@ from prospect.data.packing import pack
 from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
-from tests.conftest import paired_rows, tiny_overrides, unpaired_rows, varied_paired_rows, write_jsonl
+from tests.helpers import paired_rows, tiny_overrides, unpaired_rows, varied_paired_rows, write_jsonl
 
 
 def sequence_logps(trainer: Trainer, seqs) -> torch.Tensor:
@@ -248,7 +248,7 @@ def test_pack_fills_rows_first_fit_decreasing():
 
 def test_reference_linears_stored_in_bf16_give_identical_logps():
     from prospect.models.reference import FrozenReference, frozen_copy, store_linears_in_bf16
-    from tests.conftest import build_model
+    from tests.helpers import build_model
     from tests.test_scoring import example_sequences
 
     model = build_model(64)
@@ -264,7 +264,7 @@ def test_reference_linears_stored_in_bf16_give_identical_logps():
 
 def test_a_model_that_upcasts_a_weight_keeps_its_linears_in_fp32():
     from prospect.models.reference import store_linears_in_bf16
-    from tests.conftest import build_model
+    from tests.helpers import build_model
 
     model = build_model(64)
     layer = model.model.layers[0].mlp.down_proj

@@ -17,7 +17,7 @@ from prospect.engine.trainer import Trainer
 from prospect.losses import get_loss
 from prospect.losses.base import LossInputs
 from prospect.models.scalar_head import ScalarScorer, last_token_positions, load_reward_model, score_head
-from tests.conftest import paired_rows, tiny_overrides, write_jsonl
+from tests.helpers import paired_rows, tiny_overrides, write_jsonl
 
 
 def nls(x: float) -> float:  # -log sigmoid(x)

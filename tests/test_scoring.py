@@ -9,7 +9,7 @@ import torch
 
 from prospect.data.batching import pad
 from prospect.models.scoring import TokenScorer, linear_logprobs, split_head
-from tests.conftest import build_model
+from tests.helpers import build_model
 
 
 def reference_token_logps(model, seqs) -> torch.Tensor:

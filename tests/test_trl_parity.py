@@ -18,7 +18,7 @@ from prospect.data.batching import Sequences
 from prospect.losses import get_loss
 from prospect.losses.base import LossInputs
 from prospect.models.scoring import TokenScorer
-from tests.conftest import build_model, paired_rows, unpaired_rows
+from tests.helpers import build_model, paired_rows, unpaired_rows
 
 TOLERANCE = 1e-5
 # IPO's losses are about 25 at step 0 ((1/(2 tau))^2 with tau 0.1): fp32 rounding of the summed log-probs

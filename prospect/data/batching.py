@@ -32,14 +32,13 @@ class Sequences:
     num_tokens: int | None = None  # prompt + completion tokens of all sequences, when prompts are shared
 
     def to(self, device: torch.device | str) -> Sequences:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Sequences(
-            move(self.input_ids),
-            move(self.attention_mask),
-            move(self.completion_mask),
-            move(self.sequence_index),
+            self.input_ids.to(device),
+            moved(self.attention_mask, device),
+            self.completion_mask.to(device),
+            self.sequence_index.to(device),
             self.num_sequences,
-            move(self.position_ids),
+            moved(self.position_ids, device),
             self.keys,
             self.layout,
             self.num_tokens,
@@ -67,6 +66,10 @@ class Sequences:
     def completion_lengths(self) -> torch.Tensor:
         ones = self.completion_mask[:, 1:].float()
         return self.per_sequence(ones)
+
+
+def moved(tensor: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def sequence_key(prompt: list[int], completion: list[int]) -> bytes:
@@ -108,15 +111,14 @@ class Batch:
     targets: torch.Tensor | None = None  # ratings: regression targets, or scores of ranked completions
 
     def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(
             self.sequences.to(device),
             self.locations,
             self.units,
-            move(self.labels),
-            move(self.point_sequences),
-            move(self.group_index),
-            move(self.targets),
+            moved(self.labels, device),
+            None if self.point_sequences is None else self.point_sequences.to(device),
+            moved(self.group_index, device),
+            moved(self.targets, device),
         )
 
 

@@ -113,9 +113,10 @@ def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[
 
 
 def labelled(example: Example, cfg: DataConfig) -> Example:
-    if example.rating > cfg.desirable_above:
+    rating = example.require_rating()
+    if rating > cfg.desirable_above:
         label = True
-    elif example.rating < cfg.undesirable_below:
+    elif rating < cfg.undesirable_below:
         label = False
     else:
         label = None

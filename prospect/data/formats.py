@@ -45,6 +45,12 @@ class Example:
     rating: float | None = None
     fields: dict | None = None  # the row's other fields (e.g. a reference answer for a verifier)
 
+    def require_rating(self) -> float:
+        """The rating of a rated row (parsing sets one on every rated row)."""
+        if self.rating is None:
+            raise ValueError(f"{self.location}: expected a rated row; this one has no rating")
+        return self.rating
+
 
 @dataclass
 class Pair:

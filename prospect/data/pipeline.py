@@ -11,7 +11,7 @@ from prospect.data.convert import to_prompts
 from prospect.data.formats import Example, Pair, Ranking, parse_rows
 from prospect.data.shapes import SHAPES, DataShape
 from prospect.data.sources import read_rows
-from prospect.data.tokenize import Encoded, EncodedPair, EncodedPrompt, Encoder
+from prospect.data.tokenize import Encoded, EncodedGroup, EncodedPair, EncodedPrompt, Encoder, TrainingItem
 from prospect.errors import field_error
 
 log = logging.getLogger(__name__)
@@ -19,29 +19,40 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainingData:
-    items: list[Encoded] | list[EncodedPair]
+    items: list[TrainingItem]  # all of one kind, the loss's data shape
     counts: dict[str, int]  # e.g. {"desirable": n_D, "undesirable": n_U} or {"pairs": n}
     truncated: int
 
 
-def read_training(cfg: DataConfig, needs: DataShape, seed: int) -> list[Example] | list[Pair]:
+def read_training(cfg: DataConfig, needs: DataShape, seed: int) -> list[Example] | list[Pair] | list[Ranking]:
     """Read, check and convert every training row (no tokenizer needed, so bad data fails fast)."""
+    return SHAPES[needs].convert(*read_parsed(cfg), cfg, seed)
+
+
+def read_prompts(cfg: DataConfig, seed: int) -> list[Example]:
+    """The distinct prompts of the training rows (read_training's "prompts" shape), to sample from."""
+    return to_prompts(*read_parsed(cfg), cfg, seed)
+
+
+def read_parsed(cfg: DataConfig) -> tuple[str, list]:
+    """(format, parsed rows) of the training data, ratings checked."""
     rows = read_rows(cfg.train, cfg.train_split)
     if cfg.limit > 0:
         rows = rows[: cfg.limit]
     kind, parsed = parse_rows(rows, cfg.format)
     if kind == "rated":
         check_ratings(parsed, cfg)
-    return SHAPES[needs].convert(kind, parsed, cfg, seed)
+    return kind, parsed
 
 
 def check_ratings(examples: list[Example], cfg: DataConfig) -> None:
     low = -math.inf if cfg.rating_min is None else cfg.rating_min
     high = math.inf if cfg.rating_max is None else cfg.rating_max
     for e in examples:
-        if not low <= e.rating <= high:
+        rating = e.require_rating()
+        if not low <= rating <= high:
             raise field_error(
-                e.location, "rating", f"a rating in [{cfg.rating_min}, {cfg.rating_max}]", e.rating
+                e.location, "rating", f"a rating in [{cfg.rating_min}, {cfg.rating_max}]", rating
             )
 
 
@@ -59,18 +70,24 @@ def count(examples: list) -> dict[str, int]:
     return {"desirable": desirable, "undesirable": len(examples) - desirable}
 
 
+def encode_prompts(examples: list[Example], encoder: Encoder) -> list[EncodedPrompt]:
+    """Prompts to sample from, each cut to its last data.max_prompt_length tokens."""
+    return [
+        EncodedPrompt(
+            encoder.prompt_ids(e.prompt, e.location)[-encoder.max_prompt_length :],
+            e.prompt,
+            e.location,
+            e.fields,
+        )
+        for e in examples
+    ]
+
+
 def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> TrainingData:
     if prompts_only:
-        items = [
-            EncodedPrompt(
-                encoder.prompt_ids(e.prompt, e.location)[-encoder.max_prompt_length :],
-                e.prompt,
-                e.location,
-                e.fields,
-            )
-            for e in examples
-        ]
-        return TrainingData(items, {"prompts": len(items)}, 0)
+        prompts = encode_prompts(examples, encoder)
+        return TrainingData(list(prompts), {"prompts": len(prompts)}, 0)
+    items: list[Encoded] | list[EncodedPair] | list[EncodedGroup]
     if examples and isinstance(examples[0], Pair):
         items = [encoder.encode_pair(p.prompt, p.chosen, p.rejected, p.location) for p in examples]
     elif examples and isinstance(examples[0], Ranking):
@@ -87,7 +104,7 @@ def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> 
             len(items),
             encoder.max_length,
         )
-    return TrainingData(items, count(examples), truncated)
+    return TrainingData(list(items), count(examples), truncated)
 
 
 def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[EncodedPrompt]:
@@ -95,4 +112,4 @@ def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[Enc
     rows = read_rows(cfg.eval or cfg.train, cfg.eval_split)
     kind, parsed = parse_rows(rows, cfg.format)
     examples = to_prompts(kind, parsed, cfg, 0)[:limit]
-    return encode_all(examples, encoder, prompts_only=True).items
+    return encode_prompts(examples, encoder)

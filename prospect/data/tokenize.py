@@ -7,6 +7,7 @@ the rendered conversation, so it ends with the template's end-of-turn token. Pla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeGuard, TypeVar, cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -50,6 +51,16 @@ class EncodedPair:
     truncated: bool = False
 
 
+# What a training set holds, one kind per set: the loss's data shape decides which.
+TrainingItem = Encoded | EncodedPair | EncodedGroup | EncodedPrompt
+Item = TypeVar("Item")
+
+
+def all_instances(items: list[Any], kind: type[Item]) -> TypeGuard[list[Item]]:
+    """Whether every item is a `kind` (a training set holds one kind, chosen by the loss's data shape)."""
+    return all(isinstance(it, kind) for it in items)
+
+
 class Encoder:
     def __init__(
         self,
@@ -76,7 +87,8 @@ class Encoder:
 
     def encode_pair(self, prompt: Text, chosen: Text, rejected: Text, location: str) -> EncodedPair:
         group = self.encode_group(prompt, [chosen, rejected], location)
-        return EncodedPair(group.prompt_ids, *group.completions, location, group.truncated)
+        chosen_ids, rejected_ids = group.completions
+        return EncodedPair(group.prompt_ids, chosen_ids, rejected_ids, location, group.truncated)
 
     def encode_group(
         self, prompt: Text, completions: list[Text], location: str, scores: list[float] | None = None
@@ -94,7 +106,7 @@ class Encoder:
     def encode(
         self, prompt: Text, completion: Text, label: bool | None, location: str, fit: bool = True
     ) -> Encoded:
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and isinstance(completion, list):
             prompt_text = self.render(prompt, location, generation_prompt=True)
             full_text = self.render(prompt + completion, location, generation_prompt=False)
             if not full_text.startswith(prompt_text):
@@ -103,9 +115,11 @@ class Encoder:
                     "completion follows it; cannot separate completion tokens"
                 )
             prompt_ids, completion_ids = self.ids(prompt_text), self.ids(full_text[len(prompt_text) :])
-        else:
+        elif isinstance(prompt, str) and isinstance(completion, str):
             prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             completion_ids = [*self.ids(completion), self.tokenizer.eos_token_id]
+        else:  # parsing aligns the two (formats.align_kinds)
+            raise ValueError(f"{location}: prompt and completion must both be text or both be conversations")
         if not completion_ids:
             raise UserError(
                 f"{location}: field 'completion': expected text that encodes to at least one token"
@@ -136,8 +150,12 @@ class Encoder:
             raise UserError(
                 f"{location}: conversational data needs a tokenizer with a chat template; this one has none"
             )
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+        # With tokenize=False the template returns the rendered text (transformers types every return kind).
+        return cast(
+            str,
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            ),
         )
 
     def ids(self, text: str) -> list[int]:

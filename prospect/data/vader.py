@@ -73,8 +73,8 @@ def load_ratings(corpus: str = "movieReviewSnippets") -> list[RatedText]:
         raw = read_member(archive, f"hutto_ICWSM_2014/{corpus}_anonDataRatings.txt")
     ratings = {}
     for line in raw:
-        ident, _mean, std, values = line.split("\t")
-        ratings[int(ident)] = (float(std), [int(v) for v in values.strip("[] ").split(",")])
+        ident, _mean, std_text, values_text = line.split("\t")
+        ratings[int(ident)] = (float(std_text), [int(v) for v in values_text.strip("[] ").split(",")])
     items = []
     for line in truth:
         ident, mean, text = line.split("\t", 2)

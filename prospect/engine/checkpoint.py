@@ -143,7 +143,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
 def save_rng(path: Path) -> None:
     save_file({"torch": torch.get_rng_state()}, str(path))
     py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if isinstance(np_state, dict):  # only for a bit generator other than the global MT19937
+        raise RuntimeError("numpy's global random state is not MT19937; cannot save it")
     write_json(
         path.with_suffix(".json"),
         {

@@ -4,6 +4,7 @@ before anything loads, each with a one-line error that says what to change."""
 from __future__ import annotations
 
 from prospect.config import Config
+from prospect.engine.heads import HEADS
 from prospect.errors import UserError
 from prospect.losses.base import LossSpec
 
@@ -23,6 +24,13 @@ def check_run_options(config: Config, spec: LossSpec) -> None:
         raise UserError(
             "train.reference_refresh_every needs full fine-tuning with train.reference_cache=false "
             "(a refreshed reference cannot be the adapter-disabled model or a precomputed cache)"
+        )
+    # The frozen copy a refresh updates exists for the loss's reference, or for the held-out KL of samples.
+    samples = config.eval.num_prompts > 0 and HEADS[spec.model].samples_for_evaluation
+    if t.reference_refresh_every and not (spec.needs_reference or samples):
+        raise UserError(
+            f"train.reference_refresh_every: loss '{spec.name}' uses no reference model (nor does held-out "
+            "evaluation here), so there is none to refresh"
         )
     if t.reference_cache and not spec.needs_reference:
         raise UserError(f"train.reference_cache: loss '{spec.name}' uses no reference model")

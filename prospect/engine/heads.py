@@ -10,14 +10,16 @@ Each says how to load the model, what LoRA task it is, which module accelerate w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from prospect.config import Config, ModelConfig
-from prospect.data.batching import Batch
+from prospect.data.batching import Batch, Sequences
 from prospect.data.tokenize import Encoder
 from prospect.evaluation.heldout import PolicyEvaluation
 from prospect.evaluation.reward_model import RewardModelEvaluation
@@ -29,7 +31,8 @@ from prospect.models.scoring import TokenScorer
 
 
 class Evaluation(Protocol):
-    result_type: type
+    @property
+    def result_type(self) -> type: ...  # the result's dataclass, to load a saved one
 
     def __call__(self, scorer: Any, reference: Any, when: str) -> Any: ...
 
@@ -49,15 +52,12 @@ class RunContext:
     is_main: bool
 
 
-class PolicyHead:
-    lora_task_type = "CAUSAL_LM"
-    samples_for_evaluation = True  # held-out evaluation samples from the model (its KL needs a reference)
+class Head:
+    """What every head shares: a batch becomes `LossInputs` with the model's `outputs` and the batch's own
+    fields. The reference's log-probs and the reference point are computed by the loop beforehand."""
 
-    def load(self, cfg: ModelConfig) -> tuple[nn.Module, Any]:
-        return load_model(cfg)
-
-    def scorer(self, model: nn.Module, bf16: bool, chunk: int) -> nn.Module:
-        return TokenScorer(model, bf16=bf16, chunk=chunk)
+    lora_task_type: str
+    samples_for_evaluation: bool  # held-out evaluation samples from the model (its KL needs a reference)
 
     def inputs(
         self,
@@ -69,10 +69,8 @@ class PolicyHead:
     ) -> LossInputs:
         """`policy` is the wrapped scorer, so DDP/FSDP see the forward."""
         seqs = batch.sequences
-        input_ids, attention_mask, position_ids, layout = seqs.model_inputs()
-        token_logps = policy(input_ids, attention_mask, seqs.completion_mask, position_ids, layout)
-        return LossInputs(
-            policy_logps=seqs.per_sequence(token_logps),
+        return dataclasses.replace(
+            self.outputs(policy, seqs, pad_id),
             completion_lengths=seqs.completion_lengths(),
             reference_logps=reference_logps,
             labels=batch.labels,
@@ -80,6 +78,27 @@ class PolicyHead:
             group_index=batch.group_index,
             targets=batch.targets,
         )
+
+    def outputs(self, policy: nn.Module, seqs: Sequences, pad_id: int) -> LossInputs:
+        """The model's own outputs for the loss."""
+        raise NotImplementedError
+
+
+class PolicyHead(Head):
+    lora_task_type = "CAUSAL_LM"
+    samples_for_evaluation = True
+
+    def load(self, cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
+        return load_model(cfg)
+
+    def scorer(self, model: nn.Module, bf16: bool, chunk: int) -> nn.Module:
+        return TokenScorer(model, bf16=bf16, chunk=chunk)
+
+    def outputs(self, policy: nn.Module, seqs: Sequences, pad_id: int) -> LossInputs:
+        """Summed completion log-probs per sequence."""
+        input_ids, attention_mask, position_ids, layout = seqs.model_inputs()
+        token_logps = policy(input_ids, attention_mask, seqs.completion_mask, position_ids, layout)
+        return LossInputs(policy_logps=seqs.per_sequence(token_logps))
 
     def evaluation(self, config: Config, spec: LossSpec, run: RunContext) -> Evaluation:
         return PolicyEvaluation(
@@ -96,35 +115,20 @@ class PolicyHead:
         )
 
 
-class RewardHead:
+class RewardHead(Head):
     lora_task_type = "SEQ_CLS"
     samples_for_evaluation = False
 
-    def load(self, cfg: ModelConfig) -> tuple[nn.Module, Any]:
+    def load(self, cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
         return load_reward_model(cfg)
 
     def scorer(self, model: nn.Module, bf16: bool, chunk: int) -> nn.Module:
         # Under LoRA the head is peft's trainable copy (a wrapper around the linear), so it is taken as it is.
-        return ScalarScorer(model, unwrapped(model).score, bf16=bf16)
+        return ScalarScorer(model, unwrapped(model).get_submodule("score"), bf16=bf16)
 
-    def inputs(
-        self,
-        policy: nn.Module,
-        batch: Batch,
-        pad_id: int,
-        reference_logps: torch.Tensor | None,
-        reference_point: torch.Tensor | None,
-    ) -> LossInputs:
+    def outputs(self, policy: nn.Module, seqs: Sequences, pad_id: int) -> LossInputs:
         """One score per sequence, at its last non-pad token (as transformers' classifiers read it)."""
-        seqs = batch.sequences
-        positions = last_token_positions(seqs, pad_id)
-        return LossInputs(
-            scores=policy(*seqs.model_inputs()).flatten()[positions],
-            completion_lengths=seqs.completion_lengths(),
-            labels=batch.labels,
-            group_index=batch.group_index,
-            targets=batch.targets,
-        )
+        return LossInputs(scores=policy(*seqs.model_inputs()).flatten()[last_token_positions(seqs, pad_id)])
 
     def evaluation(self, config: Config, spec: LossSpec, run: RunContext) -> Evaluation:
         return RewardModelEvaluation(

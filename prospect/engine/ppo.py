@@ -18,6 +18,7 @@ from torch import nn
 
 from prospect.config import Config
 from prospect.data.batching import Sequences, pad
+from prospect.data.tokenize import EncodedPrompt, all_instances
 from prospect.engine.metrics import StepStats
 from prospect.engine.trainer import StepResult, Trainer
 from prospect.errors import UserError
@@ -25,6 +26,7 @@ from prospect.losses.advantages import gae, masked_mean, whiten
 from prospect.losses.base import LossInputs, TokenInputs
 from prospect.losses.kl_control import KLController
 from prospect.losses.ppo import kl_penalty
+from prospect.models.attention import unwrapped
 from prospect.models.sampling import HFSampler, rollout_params
 from prospect.models.scalar_head import ScalarScorer, load_reward_model, score_head
 from prospect.models.scoring import TokenScorer
@@ -64,15 +66,19 @@ class ActorCritic(nn.Module):
         out = self.actor.compute(
             input_ids, attention_mask, completion_mask, position_ids, entropy=mode == "train", hidden=shared
         )
-        if shared:
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask, position_ids)
+        elif self.value_head is not None and out.hidden is not None:  # hidden states were asked for
             values = self.value_head(out.hidden.float()).squeeze(-1)
         else:
-            values = self.critic(input_ids, attention_mask, position_ids)
+            raise ValueError("ActorCritic needs a critic or a value head")
         return out.logps, out.entropy, values[:, :-1]
 
 
 def take(seqs: Sequences, rows: torch.Tensor) -> tuple[Sequences, int]:
     """The given rows of a right-padded batch, cropped to their longest sequence."""
+    if seqs.attention_mask is None:
+        raise ValueError("take: expected padded rows with an attention mask, not packed ones")
     width = int(seqs.attention_mask[rows].sum(-1).max())
     index = torch.arange(len(rows), device=rows.device).unsqueeze(1).expand(-1, width)
     kept = seqs.sequence_index[rows, :width] >= 0
@@ -117,7 +123,7 @@ class PPOTrainer(Trainer):
         p, m = self.params, self.cfg.model
         actor = TokenScorer(self.model, bf16=self.bf16, chunk=self.cfg.train.logprob_chunk)
         if p.critic == "shared":
-            hidden = self.model.config.get_text_config().hidden_size
+            hidden = unwrapped(self.model).config.get_text_config().hidden_size
             head = nn.Linear(hidden, 1)
             nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
             nn.init.zeros_(head.bias)
@@ -145,18 +151,22 @@ class PPOTrainer(Trainer):
         rank = self.accelerator.process_index
         (indices,) = self.order.microbatches(self.step, rank)
         prompts = [self.data.items[i] for i in indices]
+        if not all_instances(prompts, EncodedPrompt):
+            raise ValueError("PPO samples from prompts; the training items are not prompts")
         params = rollout_params(
             self.cfg.online, self.cfg.train.seed * 1_000_003 + self.step * self.world + rank
         )
         samples = self.sampler.generate([p.prompt_ids for p in prompts], params)
         rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
         texts = self.tokenizer.batch_decode([s.token_ids for _, s in rows], skip_special_tokens=True)
-        scores = self.reward([p.prompt for p, _ in rows], texts, [p.fields for p, _ in rows])
-        scores = torch.tensor(scores, device=self.device)
+        rewarded = self.reward([p.prompt for p, _ in rows], texts, [p.fields for p, _ in rows])
+        scores = torch.tensor(rewarded, device=self.device)
         seqs = pad(
             [p.prompt_ids for p, _ in rows], [s.token_ids for _, s in rows], self.tokenizer.pad_token_id
         )
         seqs = seqs.to(self.device)
+        if self.live_reference is None:
+            raise ValueError("PPO's KL penalty needs the live reference model")
         with torch.no_grad():
             old_logps, _, old_values = self.policy(
                 seqs.input_ids, seqs.attention_mask, seqs.completion_mask, mode="values"

@@ -33,14 +33,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedModel, get_scheduler
 
 from prospect.config import Config
 from prospect.data.batching import Batch, Sequences, pad
 from prospect.data.packing import pack
 from prospect.data.pipeline import count, encode_all, read_training
 from prospect.data.shapes import make_batch
-from prospect.data.tokenize import Encoder
+from prospect.data.tokenize import Encoded, Encoder, all_instances
 from prospect.engine import checkpoint as ckpt
 from prospect.engine.checks import check_run_options
 from prospect.engine.heads import HEADS, RunContext
@@ -193,7 +193,7 @@ class Trainer:
         names = [n.strip() for n in self.cfg.train.report_to.split(",") if n.strip() and n.strip() != "none"]
         return names or None
 
-    def build_policy(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    def build_policy(self, model: PreTrainedModel) -> tuple[torch.nn.Module, Any]:
         """(the trained model, its PEFT wrapper or None); keeps a frozen copy for the reference first."""
         m = self.cfg.model
         if self.cfg.train.disable_dropout:
@@ -216,7 +216,7 @@ class Trainer:
         targets = m.lora_target_modules
         lora = LoraConfig(
             r=m.lora_r,
-            lora_alpha=m.lora_alpha,
+            lora_alpha=m.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r takes a float
             lora_dropout=m.lora_dropout,
             task_type=self.head.lora_task_type,
             target_modules=targets if targets == "all-linear" else [s.strip() for s in targets.split(",")],
@@ -250,6 +250,12 @@ class Trainer:
             store_linears_in_bf16(self.initial_model)
         return FrozenReference(self.initial_model, self.bf16, self.cfg.train.logprob_chunk)
 
+    def reference_logps(self, seqs: Sequences) -> torch.Tensor:
+        """Summed reference log-probs for the loss: from the live reference, or the cache once it is filled."""
+        if self.reference is None:
+            raise ValueError(f"loss '{self.spec.name}': no reference model was set up for this run")
+        return self.reference(seqs)
+
     def counted(self, reference: Callable[[Sequences], torch.Tensor]) -> Callable[[Sequences], torch.Tensor]:
         def run(seqs: Sequences) -> torch.Tensor:
             self.reference_forwards += seqs.num_sequences
@@ -278,7 +284,12 @@ class Trainer:
         )
         cache = ReferenceCache(fingerprint, by_layout=by_layout)
         self.cache = self.plan.precompute(
-            cache, self.reference, self.accelerator, self.step, self.total_steps, self.tokenizer.pad_token_id
+            cache,
+            self.reference_logps,
+            self.accelerator,
+            self.step,
+            self.total_steps,
+            self.tokenizer.pad_token_id,
         )
         self.reference = self.cache.lookup
 
@@ -379,13 +390,14 @@ class Trainer:
 
     def microbatch_loss(self, batch: Batch, stats: StepStats) -> torch.Tensor:
         # No-grad passes first, so the wrapped policy's grad-enabled forward is the last before backward.
-        reference = self.reference(batch.sequences) if self.spec.needs_reference else None
+        reference = self.reference_logps(batch.sequences) if self.spec.needs_reference else None
         point = self.estimate_reference_point(batch)
         inputs = self.head.inputs(self.policy, batch, self.tokenizer.pad_token_id, reference, point)
         out = self.spec.compute(inputs, self.params)
         stats.add_mean("loss", out.losses.detach().sum(), float(self.units(batch)))
-        if point is not None:
-            stats.add_mean(self.spec.reference_point.metric, point, 1.0)
+        reference_point = self.spec.reference_point
+        if point is not None and reference_point is not None:  # a point is estimated only for such a spec
+            stats.add_mean(reference_point.metric, point, 1.0)
         for name, (total, n) in out.means.items():
             stats.add_mean(name, total, n)
         for name, value in out.totals.items():
@@ -425,6 +437,10 @@ class Trainer:
         batch = make_batch(items, self.spec.data, pad_id, self.build_sequences)
         point = self.spec.reference_point
         if point is not None:
+            if not all_instances(items, Encoded):
+                raise ValueError(
+                    f"loss '{self.spec.name}': its reference point needs one completion per item"
+                )
             extra = point.sequences(items, self.encoder.fit)
             batch.point_sequences = self.build_sequences(
                 [e.prompt_ids for e in extra], [e.completion_ids for e in extra], pad_id
@@ -454,12 +470,14 @@ class Trainer:
             return None
         seqs = batch.point_sequences
         with torch.no_grad():
-            ratios = seqs.per_sequence(self.policy_token_logps(seqs)) - self.reference(seqs)
+            ratios = seqs.per_sequence(self.policy_token_logps(seqs)) - self.reference_logps(seqs)
             return point.estimate(ratios, lambda x: self.accelerator.reduce(x, reduction="sum"))
 
     def maybe_refresh_reference(self) -> None:
         every = self.cfg.train.reference_refresh_every
         if every and self.step % every == 0:
+            if self.initial_model is None:
+                raise ValueError("train.reference_refresh_every: there is no reference copy to refresh")
             policy = self.accelerator.unwrap_model(self.policy).model
             refresh_copy(self.initial_model, policy, self.cfg.train.reference_refresh_alpha)
 

@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from prospect.config import DataConfig, EvalConfig, OnlineConfig
 from prospect.data.batching import Sequences, pad
@@ -38,8 +40,17 @@ class HeldOutResult:
         return {k: v for k, v in self.__dict__.items() if k != "samples"}
 
 
+class PolicyScorer(Protocol):
+    """What held-out evaluation needs of the trained module: a TokenScorer, or PPO's actor-critic."""
+
+    @property
+    def model(self) -> nn.Module: ...  # the causal LM, to sample from
+
+    def sequence_logps(self, seqs: Sequences) -> torch.Tensor: ...
+
+
 def evaluate(
-    model: PreTrainedModel,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     items: list[EncodedPrompt],
     policy_logps: Callable[[Sequences], torch.Tensor],
@@ -105,11 +116,10 @@ def print_report(before: HeldOutResult, after: HeldOutResult, path: Path) -> Non
     for name, b, a in rows:
         if b is not None and a is not None:
             print(f"{name:34}{b:>10.3f}{a:>10.3f}")
-    if before.judge_mean is not None:
-        print(
-            f"change in judge score: {after.judge_mean - before.judge_mean:+.3f} "
-            f"(± {math.hypot(before.judge_stderr, after.judge_stderr):.3f}) at a KL of {after.kl_mean:.3f} nats"
-        )
+    if before.judge_mean is not None and after.judge_mean is not None:
+        change = after.judge_mean - before.judge_mean
+        spread = math.hypot(before.judge_stderr or 0.0, after.judge_stderr or 0.0)  # set with each mean
+        print(f"change in judge score: {change:+.3f} (± {spread:.3f}) at a KL of {after.kl_mean:.3f} nats")
     summary = {"before": before.summary(), "after": after.summary()}
     write_text_atomic(path, json.dumps(summary, indent=1))
 
@@ -144,7 +154,7 @@ class PolicyEvaluation:
         self.prompt_suffix, self.verbose = prompt_suffix, verbose
 
     def __call__(
-        self, scorer: torch.nn.Module, reference: Callable[[Sequences], torch.Tensor], when: str
+        self, scorer: PolicyScorer, reference: Callable[[Sequences], torch.Tensor], when: str
     ) -> HeldOutResult:
         """`scorer` is the policy's TokenScorer (unwrapped), `reference` the live reference."""
         prompts = load_eval_prompts(self.data, self.encoder, self.cfg.num_prompts)

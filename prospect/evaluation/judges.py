@@ -21,7 +21,11 @@ def vader_judge() -> Judge:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
-    return lambda texts, prompts=None: [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+    def judge(texts: list[str], prompts: list | None = None) -> list[float]:
+        return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+    return judge
 
 
 def reward_judge(online: OnlineConfig, device: torch.device, bf16: bool) -> Judge:

@@ -72,7 +72,7 @@ def evaluate_rewards(
         examples: list[Example] = parsed
         items = [encoder.encode(e.prompt, e.completion, None, e.location) for e in examples]
         scores = score([i.prompt_ids for i in items], [i.completion_ids for i in items])
-        ratings = [e.rating for e in examples]
+        ratings = [e.require_rating() for e in examples]
         result.rated = len(ratings)
         result.pearson_r, result.sign_accuracy = agreement(scores, ratings, threshold)
         if judge:

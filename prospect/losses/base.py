@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import torch
 
 from prospect.data.shapes import DataShape
 from prospect.data.tokenize import Encoded
 from prospect.options import build_section
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # What the trained module returns: per-token log-probs of a policy, or one scalar per sequence.
 Head = Literal["policy", "reward"]
@@ -41,6 +44,24 @@ class TokenInputs:
     mask: torch.Tensor  # action (completion) positions
     entropy: torch.Tensor | None = None
 
+    def require_entropy(self) -> torch.Tensor:
+        if self.entropy is None:
+            raise ValueError("token input 'entropy' was not supplied; the entropy bonus needs it")
+        return self.entropy
+
+
+# The tensor inputs of `LossInputs`, by name, for `LossInputs.require`.
+TensorInput = Literal[
+    "policy_logps",
+    "completion_lengths",
+    "reference_logps",
+    "labels",
+    "reference_point",
+    "scores",
+    "group_index",
+    "targets",
+]
+
 
 @dataclass
 class LossInputs:
@@ -59,6 +80,17 @@ class LossInputs:
     targets: torch.Tensor | None = None  # ratings: regression targets or ranked scores (NaN: none)
     tokens: TokenInputs | None = None  # policy-gradient losses (PPO)
 
+    @overload
+    def require(self, name: TensorInput) -> torch.Tensor: ...
+    @overload
+    def require(self, name: Literal["tokens"]) -> TokenInputs: ...
+    def require(self, name: TensorInput | Literal["tokens"]) -> torch.Tensor | TokenInputs:
+        """The input `name`, which a loss reads only when its spec makes the engine supply it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"loss input '{name}' was not supplied; the LossSpec must declare it")
+        return value
+
 
 @dataclass
 class LossOutput:
@@ -72,12 +104,16 @@ class ReferencePoint(Protocol):
 
     The engine builds `sequences(items, fit)` next to each microbatch, runs the policy and the reference on
     them, and passes `estimate(log_ratios, reduce_sum)` to the loss as `LossInputs.reference_point`. The
-    estimate is logged under `metric`."""
+    estimate is logged under `metric`. The attributes are read-only, so a frozen dataclass implements it."""
 
-    metric: str
-    summary: str  # for `prospect options`: what the point is estimated on
-    min_batch_size: int  # microbatches smaller than this cannot form the extra sequences
-    why: str  # for the error when the batch is too small: "pairs each prompt with ..."
+    @property
+    def metric(self) -> str: ...
+    @property
+    def summary(self) -> str: ...  # for `prospect options`: what the point is estimated on
+    @property
+    def min_batch_size(self) -> int: ...  # microbatches smaller than this cannot form the extra sequences
+    @property
+    def why(self) -> str: ...  # for the error when the batch is too small: "pairs each prompt with ..."
 
     def sequences(self, items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]: ...
 
@@ -89,7 +125,7 @@ class ReferencePoint(Protocol):
 class PromptTokens(Protocol):
     """Special tokens that end each prompt according to its label (CSFT's <|good|> and <|bad|>)."""
 
-    def install(self, tokenizer: Any, model: torch.nn.Module) -> dict[bool, list[int]]:
+    def install(self, tokenizer: Any, model: PreTrainedModel) -> dict[bool, list[int]]:
         """Add the tokens to the tokenizer and the model's embeddings; return their ids by label. Held-out
         sampling asks for the desirable behaviour with the `True` ids."""
         ...

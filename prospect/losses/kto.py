@@ -69,8 +69,9 @@ def prospect_loss(
 ) -> LossOutput:
     """lambda * value(beta (r - z)) for desirable examples, lambda * value(beta (z - r)) for undesirable ones,
     with the metrics every KTO variant logs."""
-    rewards = x.policy_logps - x.reference_logps
-    desirable = x.labels
+    logps = x.require("policy_logps")
+    rewards = logps - x.require("reference_logps")
+    desirable = x.require("labels")
     loss_d = p.desirable_weight * value(p.beta * (rewards - z))
     loss_u = p.undesirable_weight * value(p.beta * (z - rewards))
     losses = torch.where(desirable, loss_d, loss_u)
@@ -80,8 +81,8 @@ def prospect_loss(
         means={
             "rewards/desirable": masked_mean_of(p.beta * rewards, desirable),
             "rewards/undesirable": masked_mean_of(p.beta * rewards, undesirable),
-            "logps/desirable": masked_mean_of(x.policy_logps, desirable),
-            "logps/undesirable": masked_mean_of(x.policy_logps, undesirable),
+            "logps/desirable": masked_mean_of(logps, desirable),
+            "logps/undesirable": masked_mean_of(logps, undesirable),
         },
         totals={
             "count/desirable": desirable.sum().float(),
@@ -101,19 +102,19 @@ def neg_logsigmoid(v: torch.Tensor) -> torch.Tensor:
 def kto_loss(x: LossInputs, p: KTOParams) -> LossOutput:
     """lambda_D (1 - sigmoid(beta (r - z))) if desirable, lambda_U (1 - sigmoid(beta (z - r))) if not, where z is
     the clamped KL estimate from mismatched pairs (Ethayarajh et al., 2024)."""
-    return prospect_loss(x, p, x.reference_point.clamp(min=0).detach(), one_minus_sigmoid)
+    return prospect_loss(x, p, x.require("reference_point").clamp(min=0).detach(), one_minus_sigmoid)
 
 
 def kto_zero_loss(x: LossInputs, p: KTOParams) -> LossOutput:
     """KTO with the reference point held at 0: lambda_D (1 - sigmoid(beta r)) if desirable, lambda_U (1 -
     sigmoid(-beta r)) if not (an ablation of the KL term; HALOs' KTOZeroTrainer)."""
-    return prospect_loss(x, p, torch.zeros((), device=x.policy_logps.device), one_minus_sigmoid)
+    return prospect_loss(x, p, torch.zeros((), device=x.require("policy_logps").device), one_minus_sigmoid)
 
 
 def kto_logsigmoid_loss(x: LossInputs, p: KTOParams) -> LossOutput:
     """-lambda_D log sigmoid(beta (r - z)) if desirable, -lambda_U log sigmoid(beta (z - r)) if not, with KTO's
     clamped KL reference point z (HALOs' KTOLogSigmoidTrainer)."""
-    return prospect_loss(x, p, x.reference_point.clamp(min=0).detach(), neg_logsigmoid)
+    return prospect_loss(x, p, x.require("reference_point").clamp(min=0).detach(), neg_logsigmoid)
 
 
 def check_balance(p: KTOParams, counts: dict[str, int]) -> tuple[KTOParams, list[str]]:

@@ -53,13 +53,13 @@ class HingeParams:
 
 
 def implied_rewards(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    return chosen_rejected(x.policy_logps - x.reference_logps)
+    return chosen_rejected(x.require("policy_logps") - x.require("reference_logps"))
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, x: LossInputs) -> dict:
     """Rewards (already scaled), their margin and accuracy, and the log-probs and lengths behind them."""
-    logps_c, logps_r = chosen_rejected(x.policy_logps)
-    len_c, len_r = chosen_rejected(x.completion_lengths)
+    logps_c, logps_r = chosen_rejected(x.require("policy_logps"))
+    len_c, len_r = chosen_rejected(x.require("completion_lengths"))
     return {
         "rewards/chosen": mean_of(chosen),
         "rewards/rejected": mean_of(rejected),
@@ -89,7 +89,7 @@ def dpo_loss(x: LossInputs, p: DPOParams) -> LossOutput:
 def ipo_loss(x: LossInputs, p: IPOParams) -> LossOutput:
     """(r_c / |y_c| - r_r / |y_r| - 1/(2 tau))^2 with length-normalised log-ratios (Azar et al.)."""
     r_c, r_r = implied_rewards(x)
-    len_c, len_r = chosen_rejected(x.completion_lengths)
+    len_c, len_r = chosen_rejected(x.require("completion_lengths"))
     h = r_c / len_c - r_r / len_r
     losses = (h - 1 / (2 * p.tau)) ** 2
     return LossOutput(losses, pair_metrics(r_c / len_c, r_r / len_r, x), {})

@@ -87,13 +87,13 @@ def kl_penalty(logps: torch.Tensor, reference_logps: torch.Tensor, estimator: st
 def ppo_loss(x: LossInputs, p: PPOParams) -> LossOutput:
     """max(-A r, -A clip(r, 1 +- eps)) + vf_coef * 0.5 max((V - R)^2, (clip(V) - R)^2) - entropy_coef * H per
     action token, summed per sequence (the engine divides by the action tokens of the minibatch)."""
-    g = x.tokens
+    g = x.require("tokens")
     mask = g.mask.to(g.logps.dtype)
     pg, pg_clipped = policy_loss(g.logps, g.old_logps, g.advantages, p.clip)
     vf, vf_clipped = value_loss(g.values, g.old_values, g.returns, p.value_clip)
     per_token = pg + p.vf_coef * vf
     if p.entropy_coef:
-        per_token = per_token - p.entropy_coef * g.entropy
+        per_token = per_token - p.entropy_coef * g.require_entropy()
     count = lambda t: ((t * mask).sum().detach(), mask.sum())  # noqa: E731
     log_ratio = (g.logps - g.old_logps).detach()
     metrics = {

@@ -34,7 +34,7 @@ class SLiCParams:
 
 
 def average_logps(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    return chosen_rejected(x.policy_logps / x.completion_lengths)
+    return chosen_rejected(x.require("policy_logps") / x.require("completion_lengths"))
 
 
 def simpo_loss(x: LossInputs, p: SimPOParams) -> LossOutput:
@@ -62,7 +62,7 @@ def orpo_loss(x: LossInputs, p: ORPOParams) -> LossOutput:
 
 def slic_loss(x: LossInputs, p: SLiCParams) -> LossOutput:
     """max(0, delta - log pi(y_c) + log pi(y_r)) + lambda * (-log pi(y_c)) on summed log-probs (Zhao et al.)."""
-    logps_c, logps_r = chosen_rejected(x.policy_logps)
+    logps_c, logps_r = chosen_rejected(x.require("policy_logps"))
     losses = torch.relu(p.delta - logps_c + logps_r) - p.lam * logps_c
     return LossOutput(losses, pair_metrics(logps_c, logps_r, x), {})
 

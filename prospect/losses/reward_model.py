@@ -6,6 +6,7 @@ K-choose-2 comparisons in one batch, each weighted 1/C(K,2) so every prompt coun
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,13 @@ def comparisons(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bradley_terry_loss(x: LossInputs, p: BTParams) -> LossOutput:
     """Per list: the mean over its (better, worse) pairs of -log sigmoid(s_b - s_w - m) + eta (s_b + s_w)^2,
     with m = margin_scale * (t_b - t_w) when the completions carry scores, else 0."""
-    better, worse = comparisons(x.group_index)
-    s_b, s_w = x.scores[better], x.scores[worse]
+    group_index, scores = x.require("group_index"), x.require("scores")
+    better, worse = comparisons(group_index)
+    s_b, s_w = scores[better], scores[worse]
     gap = (x.targets[better] - x.targets[worse]).nan_to_num(0.0) if x.targets is not None else 0.0
     per_pair = -F.logsigmoid(s_b - s_w - p.margin_scale * gap) + p.center * (s_b + s_w) ** 2
-    groups = int(x.group_index.max()) + 1
-    pair_group = x.group_index[better]
+    groups = int(group_index.max()) + 1
+    pair_group = group_index[better]
     counts = torch.zeros(groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
         0, pair_group, torch.ones_like(per_pair)
     )
@@ -60,24 +62,27 @@ def bradley_terry_loss(x: LossInputs, p: BTParams) -> LossOutput:
     metrics = {
         "accuracy": mean_of((s_b > s_w).float()),
         "margin": mean_of(s_b - s_w),
-        "score": mean_of(x.scores),
-        "score_sq": mean_of(x.scores**2),
+        "score": mean_of(scores),
+        "score_sq": mean_of(scores**2),
     }
     return LossOutput(losses / counts, metrics, {"comparisons": torch.tensor(float(better.numel()))})
 
 
 def regression_loss(x: LossInputs, p: RegressionParams) -> LossOutput:
     """(s - rating)^2: the score regresses on the (mean) human rating."""
-    error = x.scores - x.targets
-    metrics = {"mse": mean_of(error**2), "score": mean_of(x.scores), "target": mean_of(x.targets)}
+    scores, targets = x.require("scores"), x.require("targets")
+    error = scores - targets
+    metrics = {"mse": mean_of(error**2), "score": mean_of(scores), "target": mean_of(targets)}
     return LossOutput(error**2, metrics, {})
 
 
+REWARD_BT = LossSpec(
+    "reward_bt", bradley_terry_loss, BTParams, "ranked", needs_reference=False, model="reward"
+)
 SPECS = [
-    LossSpec(name=name, compute=compute, params=params, data=data, needs_reference=False, model="reward")
-    for name, compute, params, data in (
-        ("reward_bt", bradley_terry_loss, BTParams, "ranked"),
-        ("reward_margin", bradley_terry_loss, MarginParams, "ranked"),
-        ("reward_regression", regression_loss, RegressionParams, "rated"),
-    )
+    REWARD_BT,
+    dataclasses.replace(REWARD_BT, name="reward_margin", params=MarginParams),
+    dataclasses.replace(
+        REWARD_BT, name="reward_regression", compute=regression_loss, params=RegressionParams, data="rated"
+    ),
 ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ControlTokens:
     desirable: str = "<|good|>"
     undesirable: str = "<|bad|>"
 
-    def install(self, tokenizer: Any, model: torch.nn.Module) -> dict[bool, list[int]]:
+    def install(self, tokenizer: Any, model: PreTrainedModel) -> dict[bool, list[int]]:
         tokenizer.add_special_tokens({"additional_special_tokens": [self.desirable, self.undesirable]})
         model.resize_token_embeddings(len(tokenizer))
         return {
@@ -40,8 +41,9 @@ class ControlTokens:
 def sft_loss(x: LossInputs, p: SFTParams) -> LossOutput:
     """Negative log-likelihood of each completion, summed over its tokens; the engine divides by the
     number of completion tokens in the step (token-mean NLL)."""
-    nll = -x.policy_logps
-    return LossOutput(nll, {"nll/sequence": mean_of(nll), "length": mean_of(x.completion_lengths)}, {})
+    nll = -x.require("policy_logps")
+    metrics = {"nll/sequence": mean_of(nll), "length": mean_of(x.require("completion_lengths"))}
+    return LossOutput(nll, metrics, {})
 
 
 SFT = LossSpec("sft", sft_loss, SFTParams, "completions", needs_reference=False, normalize="tokens")

@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -67,9 +68,12 @@ AttentionInterface.register(NAME, segment_attention)
 AttentionMaskInterface.register(NAME, segment_mask)
 
 
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+def unwrapped(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if get_base_model is not None else model
+    # cast: the models prospect scores are transformers models (load_model, load_reward_model), bare or in PEFT.
+    return cast(PreTrainedModel, base)
 
 
 def uses_segments(model: torch.nn.Module) -> bool:
@@ -85,8 +89,10 @@ def attention_cost(model: torch.nn.Module) -> float:
     2 * (parameters per layer). About 1e-3 for SmolLM2-135M, so a 512-token row costs 1.5x its tokens."""
     base = unwrapped(model)
     config = base.config
-    embeddings = base.get_input_embeddings().weight.numel()
-    per_layer = (sum(p.numel() for p in base.parameters()) - embeddings) / config.num_hidden_layers
+    embeddings = base.get_input_embeddings().weight
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"{type(base).__name__}: expected input embeddings with a weight tensor")
+    per_layer = (sum(p.numel() for p in base.parameters()) - embeddings.numel()) / config.num_hidden_layers
     return EAGER_ATTENTION_FACTOR * 4 * config.hidden_size / (2 * per_layer)
 
 
@@ -96,10 +102,10 @@ def model_inputs(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     layout: SegmentLayout | None,
-) -> tuple[dict, contextlib.AbstractContextManager]:
+) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
     """Keyword arguments for a transformers forward, and the context to run it in. Packed rows pass
     position ids and no mask; a layout is used when the model runs segment attention."""
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         inputs.update(position_ids=position_ids, attention_mask=None)
     if layout is not None and uses_segments(model):

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prospect.assets import cache_dir, replace_dir, sha256_of
 from prospect.config import ModelConfig
@@ -23,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def load_model(
-    cfg: ModelConfig, auto_class: type = AutoModelForCausalLM
+    cfg: ModelConfig,
+    auto_class: type[AutoModelForCausalLM] | type[AutoModelForSequenceClassification] = AutoModelForCausalLM,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model in fp32 (master weights) and its tokenizer, with a pad token set."""
     source = local_source(cfg)
@@ -70,7 +77,7 @@ def weight_kwargs(cfg: ModelConfig) -> dict:
 def attention_kwargs(cfg: ModelConfig) -> dict:
     """'auto' means prospect's segment attention on CPU (eager when no layout is given, as in generation),
     transformers' default elsewhere."""
-    attention = cfg.attn_implementation
+    attention: str | None = cfg.attn_implementation
     if attention == "auto":
         attention = None if torch.cuda.is_available() else segments.NAME
     return {"attn_implementation": attention}

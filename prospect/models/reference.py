@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +26,11 @@ from torch import nn
 from prospect.assets import cache_dir
 from prospect.data.batching import Sequences, pad
 from prospect.errors import UserError
+from prospect.io import atomic_path
 from prospect.models.scoring import TokenScorer, split_head
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 ReferenceFn = Callable[[Sequences], torch.Tensor]
 
@@ -92,7 +96,7 @@ class FrozenReference:
 class AdapterReference(FrozenReference):
     """The policy itself with its LoRA adapter switched off; `policy_token_logps` runs the (wrapped) policy."""
 
-    def __init__(self, policy_token_logps: Callable[[Sequences], torch.Tensor], peft_model: nn.Module):
+    def __init__(self, policy_token_logps: Callable[[Sequences], torch.Tensor], peft_model: PeftModel):
         self.policy_token_logps = policy_token_logps
         self.peft_model = peft_model
 
@@ -189,6 +193,8 @@ class ReferenceCache:
                 progress(len(chunk))
 
     def keys(self, seqs: Sequences) -> list[bytes]:
+        if seqs.keys is None:
+            raise ValueError("the reference cache needs the sequences' keys; these were built without them")
         return layout_keys(seqs.keys) if self.by_layout else seqs.keys
 
     def fill_batches(
@@ -213,9 +219,8 @@ class ReferenceCache:
             "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 16),
             "logps": torch.tensor([self.table[k] for k in keys], dtype=torch.float32),
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            save_file(tensors, str(tmp))
 
     def lookup(self, seqs: Sequences) -> torch.Tensor:
         try:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from prospect.config import OnlineConfig
 from prospect.errors import UserError
@@ -52,8 +54,13 @@ def stop_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         marker = "prospect-end-of-turn-probe"
         with contextlib.suppress(Exception):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+            # With tokenize=False the template returns the rendered text (transformers types every return kind).
+            text = cast(
+                str,
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                    tokenize=False,
+                ),
             )
             after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)[
                 "input_ids"
@@ -69,7 +76,7 @@ class HFSampler:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: nn.Module,  # a causal LM (transformers', or PEFT's around one): it has `generate`
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 32,
         bf16: bool = False,
@@ -103,7 +110,8 @@ class HFSampler:
                 )
                 sampling = params.temperature > 0
                 with autocast:
-                    output = self.model.generate(
+                    # transformers' GenerationMixin: invisible to nn.Module's types (`__getattr__`).
+                    output = self.model.generate(  # type: ignore[operator]
                         input_ids=input_ids.to(device),
                         attention_mask=attention.to(device),
                         max_new_tokens=params.max_new_tokens,

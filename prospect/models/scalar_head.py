@@ -41,7 +41,9 @@ class ScalarScorer(nn.Module):
     """trunk -> hidden states -> linear head -> one fp32 scalar per token. Like TokenScorer, it is the module
     accelerate wraps, so every forward goes through DDP/FSDP."""
 
-    def __init__(self, model: PreTrainedModel, head: nn.Linear, bf16: bool = False):
+    def __init__(self, model: nn.Module, head: nn.Module, bf16: bool = False):
+        """`model`: a transformers model, or PEFT's around one; `head`: its linear score head (under LoRA, PEFT's
+        trainable copy of it)."""
         super().__init__()
         self.model = model
         self.head = head

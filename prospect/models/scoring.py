@@ -71,19 +71,20 @@ class TokenScorer(nn.Module):
         target_mask = completion_mask[:, 1:]
         trunk, head = split_head(self.model)
         inputs, context = model_inputs(self.model, input_ids, attention_mask, position_ids, layout)
-        with self.autocast(), context:
-            if head is None:
+        states: torch.Tensor | None
+        if trunk is None or head is None:  # the model's own logits
+            with self.autocast(), context:
                 output = self.model(**inputs, output_hidden_states=hidden)
                 states = output.hidden_states[-1] if hidden else None
-            else:
-                states = trunk(**inputs).last_hidden_state
-        with torch.autocast(input_ids.device.type, enabled=False):
-            if head is None:
+            with torch.autocast(input_ids.device.type, enabled=False):
                 logps = output.logits[:, :-1][target_mask].float().log_softmax(-1)
                 values = logps.gather(-1, targets[target_mask].unsqueeze(-1)).squeeze(-1)
                 if entropy:
                     values = torch.stack([values, -(logps.exp() * logps).sum(-1)], -1)
-            else:
+        else:  # the trunk, then the output projection chunk by chunk in fp32
+            with self.autocast(), context:
+                states = trunk(**inputs).last_hidden_state
+            with torch.autocast(input_ids.device.type, enabled=False):
                 values = linear_logprobs(
                     states[:, :-1][target_mask],
                     head,

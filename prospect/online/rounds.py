@@ -28,7 +28,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from prospect.config import Config, ModelConfig
-from prospect.data.pipeline import read_training
+from prospect.data.pipeline import read_prompts
 from prospect.engine.rundir import RunDir
 from prospect.errors import UserError
 from prospect.io import read_jsonl, write_jsonl, write_text_atomic
@@ -172,6 +172,7 @@ def principles(config: Config) -> list[str]:
 def make_judge(session: SamplingSession) -> JudgeLabeller:
     """loop.judge: the policy itself, a local model, or an HTTP endpoint."""
     loop = session.config.loop
+    complete: LocalJudge | HTTPJudge
     if loop.judge == "self":
         complete = LocalJudge(session.model, session.tokenizer, bf16=session.bf16)
     elif loop.judge == "http":
@@ -180,7 +181,8 @@ def make_judge(session: SamplingSession) -> JudgeLabeller:
         complete = HTTPJudge(loop.judge_url, loop.judge_model, loop.judge_key_env)
     else:
         model, tokenizer = load_model(ModelConfig(name=loop.judge))
-        complete = LocalJudge(model.to(session.device), tokenizer, bf16=session.bf16)
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), typed as the unbound method.
+        complete = LocalJudge(model.to(session.device), tokenizer, bf16=session.bf16)  # type: ignore[arg-type]
     return JudgeLabeller(complete, cot=loop.judge_cot)
 
 
@@ -201,9 +203,9 @@ def label(session: SamplingSession, groups: list[Group], needs: str) -> tuple[li
         for group in groups:
             values = ratings[offset : offset + len(group.completions)]
             offset += len(group.completions)
-            keep = [i for i, v in enumerate(values) if v is not None]
-            group.completions = [group.completions[i] for i in keep]
-            group.scores = [values[i] for i in keep]
+            kept = [(c, v) for c, v in zip(group.completions, values) if v is not None]
+            group.completions = [c for c, _ in kept]
+            group.scores = [v for _, v in kept]
     elif o.reward_model or o.reward_function:
         session.score(groups)
     else:
@@ -285,7 +287,7 @@ def run_loop(config: Config) -> Path:
         check_reward(config.online)
     # Bad model paths and bad prompt files fail here, before the run directory exists.
     resolve_model_source(config.model)
-    read_training(config.data, "prompts", config.train.seed)
+    read_prompts(config.data, config.train.seed)
     state = PartialState()
     if state.is_main_process:
         run.create()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from prospect.config import Config
-from prospect.data.pipeline import encode_all, read_training
+from prospect.data.pipeline import encode_prompts, read_prompts
 from prospect.data.tokenize import Encoder
 from prospect.engine.rundir import MARKER
 from prospect.models.loading import load_model
@@ -37,14 +37,12 @@ class SamplingSession:
         self.model, self.tokenizer = load_model(dataclasses.replace(config.model, name=model_source))
         self.model.to(self.state.device)
         self.bf16 = use_bf16(config.train.precision, self.state.device)
-        prompts = read_training(config.data, "prompts", config.train.seed)
+        prompts = read_prompts(config.data, config.train.seed)
         per_window = config.online.prompts or len(prompts)
         start = (window * per_window) % len(prompts)
         chosen = (prompts + prompts)[start : start + min(per_window, len(prompts))]
         encoder = Encoder(self.tokenizer, config.data.max_length, config.data.max_prompt_length)
-        self.items = encode_all(chosen, encoder, prompts_only=True).items[
-            self.state.process_index :: self.state.num_processes
-        ]
+        self.items = encode_prompts(chosen, encoder)[self.state.process_index :: self.state.num_processes]
         self.sampler = HFSampler(
             self.model, self.tokenizer, batch_size=config.online.batch_size, bf16=self.bf16
         )
@@ -75,8 +73,10 @@ class SamplingSession:
         return [replies[0] for replies in self.decode(out)]
 
     def decode(self, samples: list[list[Sample]]) -> list[list[str]]:
+        # One list of ids decodes to one string (transformers types the batched case too).
         return [
-            [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group] for group in samples
+            [cast(str, self.tokenizer.decode(s.token_ids, skip_special_tokens=True)) for s in group]
+            for group in samples
         ]
 
     def release(self) -> None:
@@ -103,7 +103,7 @@ class SamplingSession:
 
 
 def nested_run(
-    config: Config, data_file: Path, output_dir: Path, data_format: str = "auto", **train_overrides: object
+    config: Config, data_file: Path, output_dir: Path, data_format: str = "auto", **train_overrides: Any
 ) -> Config:
     """The config of the ordinary training run nested in an online run: it trains on `data_file`, evaluates on
     the outer run's held-out data (or its prompts), writes to `output_dir`, and resumes there if a run was
@@ -116,7 +116,7 @@ def nested_run(
         eval=config.data.eval or config.data.train,
         limit=0,
     )
-    train_values = {
+    train_values: dict[str, Any] = {
         "output_dir": str(output_dir),
         "resume": (output_dir / MARKER).is_file(),
         "overwrite": False,
