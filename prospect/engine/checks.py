@@ -3,7 +3,7 @@ before anything loads, each with a one-line error that says what to change."""
 
 from __future__ import annotations
 
-from prospect.config import Config
+from prospect.config import Config, ModelConfig
 from prospect.engine.heads import HEADS
 from prospect.errors import UserError
 from prospect.losses.base import LossSpec
@@ -39,4 +39,12 @@ def check_run_options(config: Config, spec: LossSpec) -> None:
     if not 0 < t.reference_refresh_alpha <= 1:
         raise UserError(
             f"train.reference_refresh_alpha={t.reference_refresh_alpha}: expected a value in (0, 1]"
+        )
+
+
+def check_sharding(sharded: bool, model: ModelConfig) -> None:
+    if sharded and model.lora_r > 0:
+        raise UserError(
+            "model.lora_r: LoRA under FSDP or DeepSpeed is not supported; launch LoRA runs with "
+            "configs/accelerate/ddp.yaml (the adapter is small enough to replicate)"
         )

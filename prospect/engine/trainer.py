@@ -40,9 +40,9 @@ from prospect.data.batching import Batch, Sequences, pad
 from prospect.data.packing import pack
 from prospect.data.pipeline import count, encode_all, read_training
 from prospect.data.shapes import make_batch
-from prospect.data.tokenize import Encoded, Encoder, all_instances
+from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
-from prospect.engine.checks import check_run_options
+from prospect.engine.checks import check_run_options, check_sharding
 from prospect.engine.heads import HEADS, RunContext
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
@@ -83,11 +83,7 @@ class Trainer:
         # With no GPU, multi-process launches (torchrun, accelerate launch) run DDP over gloo on the CPU.
         self.accelerator = Accelerator(log_with=self.trackers(), project_dir=t.output_dir, cpu=cpu_only())
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        if self.sharded and config.model.lora_r > 0:
-            raise UserError(
-                "model.lora_r: LoRA under FSDP or DeepSpeed is not supported; launch LoRA runs with "
-                "configs/accelerate/ddp.yaml (the adapter is small enough to replicate)"
-            )
+        check_sharding(self.sharded, config.model)
         self.run = RunDir(config)
         self.run_dir = self.run.path
         examples = read_training(config.data, self.spec.data, t.seed)
@@ -315,7 +311,25 @@ class Trainer:
         if t.reference_cache:
             self.precompute_reference()
             self.release_reference_copy()
-        self.print_banner()
+        if is_main:
+            t, mode = (
+                self.cfg.train,
+                f"LoRA r={self.cfg.model.lora_r}" if self.peft_model else "full fine-tuning",
+            )
+            reference = (
+                self.reference_mode + (" (cached)" if self.cache else "")
+                if self.spec.needs_reference
+                else "none"
+            )
+            strategy = self.accelerator.distributed_type
+            print(
+                f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} "
+                f"steps of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc"
+                f"{'' if strategy == DistributedType.NO else f' {strategy.value}'}), {mode}, reference={reference}, "
+                f"precision={'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
+                f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}",
+                flush=True,
+            )
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -437,10 +451,6 @@ class Trainer:
         batch = make_batch(items, self.spec.data, pad_id, self.build_sequences)
         point = self.spec.reference_point
         if point is not None:
-            if not all_instances(items, Encoded):
-                raise ValueError(
-                    f"loss '{self.spec.name}': its reference point needs one completion per item"
-                )
             extra = point.sequences(items, self.encoder.fit)
             batch.point_sequences = self.build_sequences(
                 [e.prompt_ids for e in extra], [e.completion_ids for e in extra], pad_id
@@ -492,24 +502,6 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_text_atomic(path, json.dumps(result.__dict__, indent=1))
         return result
-
-    def print_banner(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        t = self.cfg.train
-        mode = f"LoRA r={self.cfg.model.lora_r}" if self.peft_model is not None else "full fine-tuning"
-        reference = "none"
-        if self.spec.needs_reference:
-            reference = self.reference_mode + (" (cached)" if self.cache else "")
-        kind = self.accelerator.distributed_type
-        strategy = "" if kind == DistributedType.NO else f" {kind.value}"
-        print(
-            f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} steps "
-            f"of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc{strategy}), {mode}, "
-            f"reference={reference}, precision={'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
-            f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}",
-            flush=True,
-        )
 
 
 def seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 import torch
 
 from prospect.data.shapes import DataShape
-from prospect.data.tokenize import Encoded
+from prospect.data.tokenize import Encoded, TrainingItem
 from prospect.options import build_section
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class ReferencePoint(Protocol):
     @property
     def why(self) -> str: ...  # for the error when the batch is too small: "pairs each prompt with ..."
 
-    def sequences(self, items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]: ...
+    def sequences(self, items: list[TrainingItem], fit: Callable[[Encoded], Encoded]) -> list[Encoded]: ...
 
     def estimate(
         self, log_ratios: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor]

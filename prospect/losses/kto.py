@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prospect.data.tokenize import Encoded
+from prospect.data.tokenize import Encoded, TrainingItem, all_instances
 from prospect.errors import UserError
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, masked_mean_of
 from prospect.options import opt
@@ -50,7 +50,9 @@ class MismatchedPairsKL:
     min_batch_size: int = 2
     why: str = "pairs each prompt with another example's completion for its KL estimate"
 
-    def sequences(self, items: list[Encoded], fit: Callable[[Encoded], Encoded]) -> list[Encoded]:
+    def sequences(self, items: list[TrainingItem], fit: Callable[[Encoded], Encoded]) -> list[Encoded]:
+        if not all_instances(items, Encoded):
+            raise ValueError("mismatched pairs need one completion per item (unpaired data)")
         n = len(items)
         return [
             fit(Encoded(items[i].prompt_ids, items[(i + 1) % n].completion_ids, None, "")) for i in range(n)
