@@ -6,12 +6,14 @@ log pi(y|x) - log pi_ref(y|x) in each precision and the mean absolute gap betwee
 The log-ratios are those the loss sees (bf16 run: bf16 policy and reference; fp32 run: fp32).
 
     python benchmarks/bf16_drift.py --model smollm2 --lrs 5e-7,1e-6,5e-6,1e-5 --steps 1,10,100
-    python benchmarks/bf16_drift.py --model tiny-q4 --lrs 5e-7,1e-5 --steps 1,10,100
+    python benchmarks/bf16_drift.py --model tiny-q4:128:4 [--unrounded] --lrs 5e-7,1e-5 --steps 1,10,100
 
 The job: 256 KTO rows from the built-in arithmetic task (prompt rendered with the chat template, completion
 "Answer: N", desirable when N is right, a wrong N otherwise), batch 8, beta 0.1, constant learning rate,
 no warm-up, one process. `--model tiny-q4` is a small Llama whose linear weights are de-quantized from a
-Q4_1-style code (blocks of 32, fp16 scale and minimum, 4-bit levels), as GGUF files hold them.
+Q4_1 code (blocks of 32, fp16 scale and minimum, 4-bit levels), as GGUF files hold them, then stored as
+their bf16 values as prospect's GGUF conversion does (`--unrounded` skips that, to see the problem). For
+SmolLM2 before the fix, pass the directory of a conversion made without rounding as `--model`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,7 +35,8 @@ from prospect.config import load_config
 from prospect.data import tasks
 from prospect.data.batching import pad
 from prospect.engine.trainer import StepResult, Trainer
-from tests.helpers import build_tokenizer
+from prospect.models.precision import round_to_bf16
+from tests.helpers import build_tokenizer, dequantized_model
 
 
 def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
@@ -54,43 +56,11 @@ def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def q4_1_dequantized(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """`weight` coded as Q4_1 (per block of 32: fp16 scale d and minimum m, levels 0..15) and decoded."""
-    flat = weight.detach().float().reshape(-1, 32)
-    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    d = ((high - low) / 15).half().float()
-    m = low.half().float()
-    q = ((flat - m) / d.clamp(min=1e-8)).round().clamp(0, 15)
-    return (q * d + m).reshape(weight.shape)
-
-
-ROUND = False
-
-
-def tiny_q4_model(directory: Path, hidden: int = 32, layers: int = 2) -> Path:
+def tiny_model(directory: Path, hidden: int, layers: int, rounded: bool) -> Path:
     tokenizer = build_tokenizer()
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 32, 1) * 2,
-        num_key_value_heads=max(hidden // 32, 1),
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                module.weight.copy_(q4_1_dequantized(module.weight, generator))
-                if ROUND:
-                    module.weight.copy_(module.weight.bfloat16().float())
+    model = dequantized_model(len(tokenizer), hidden, layers)
+    if rounded:
+        round_to_bf16(model)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -137,7 +107,12 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, tiny-q4, or a model path")
+    parser.add_argument(
+        "--model", default="smollm2", help="smollm2, tiny-q4[:hidden:layers], or a model path"
+    )
+    parser.add_argument(
+        "--unrounded", action="store_true", help="tiny-q4: keep the de-quantized weights (no round_to_bf16)"
+    )
     parser.add_argument("--lrs", default="5e-7,1e-5")
     parser.add_argument("--steps", default="1,10,100")
     parser.add_argument("--probe", type=int, default=32, help="training sequences measured")
@@ -147,8 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.model.startswith("tiny-q4"):  # tiny-q4[:hidden:layers]
-            shape = [int(x) for x in args.model.split(":")[1:]] or [32, 2]
-            model = str(tiny_q4_model(root / "tiny-q4", *shape))
+            hidden, layers = ([int(x) for x in args.model.split(":")[1:]] or [128, 4])[:2]
+            model = str(tiny_model(root / "tiny-q4", hidden, layers, rounded=not args.unrounded))
         else:
             model = args.model
         data = root / "arithmetic.jsonl"

@@ -139,3 +139,38 @@ def tiny_overrides(model_dir: Path, data: Path, out: Path, **extra) -> list[str]
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def q4_1_dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` coded as GGUF's Q4_1 (blocks of 32: an fp16 scale d and minimum m, levels 0..15) and decoded
+    to fp32, as a GGUF checkpoint's de-quantized weights are. Many decoded values sit on bf16 rounding ties."""
+    flat = weight.detach().float().reshape(-1, 32)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    d = ((high - low) / 15).half().float()
+    m = low.half().float()
+    q = ((flat - m) / d.clamp(min=1e-8)).round().clamp(0, 15)
+    return (q * d + m).reshape(weight.shape)
+
+
+def dequantized_model(vocab_size: int, hidden: int = 128, layers: int = 4, seed: int = 3) -> LlamaForCausalLM:
+    """A small Llama of real proportions whose linear weights are Q4_1-de-quantized (see q4_1_dequantized)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 1) * 2,
+        num_key_value_heads=max(hidden // 32, 1),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.copy_(q4_1_dequantized(module.weight))
+    return model

@@ -52,7 +52,7 @@ from prospect.io import write_text_atomic
 from prospect.losses import get_loss
 from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model
-from prospect.models.precision import cpu_only, use_bf16
+from prospect.models.precision import cpu_only, use_bf16, warn_of_bf16_ties
 from prospect.models.reference import (
     AdapterReference,
     FrozenReference,
@@ -101,6 +101,8 @@ class Trainer:
         self.device = self.accelerator.device
         self.bf16 = use_bf16(t.precision, self.device)
         model, self.tokenizer = self.head.load(config.model)
+        if self.bf16:
+            warn_of_bf16_ties(model)
         tokens = self.spec.prompt_tokens
         self.prompt_suffix = tokens.install(self.tokenizer, model) if tokens else None
         self.encoder = Encoder(

@@ -24,8 +24,10 @@ from prospect.assets import cache_dir, replace_dir, sha256_of
 from prospect.config import ModelConfig
 from prospect.errors import UserError
 from prospect.models import attention as segments
+from prospect.models.precision import round_to_bf16
 
 log = logging.getLogger(__name__)
+CONVERSION_VERSION = 2  # 2: weights bf16 autocast casts are stored as their bf16 values
 
 
 def load_model(
@@ -112,7 +114,10 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
 
 
 def convert_gguf(source: str, gguf_file: str) -> str:
-    """De-quantize a GGUF checkpoint to a safetensors directory in the cache (once per file content)."""
+    """De-quantize a GGUF checkpoint to a safetensors directory in the cache (once per file content). The
+    weights bf16 autocast casts are stored as their bf16 values (`round_to_bf16`): de-quantized codes sit on
+    bf16 rounding ties, which would turn the first small update of a bf16 run into a jump of whole bf16
+    steps. The bf16 forward is the same either way; an fp32 run starts from the rounded values."""
     local = Path(source) / gguf_file
     if local.is_file():
         key = sha256_of(local)[:16]
@@ -121,19 +126,26 @@ def convert_gguf(source: str, gguf_file: str) -> str:
 
         local = Path(hf_hub_download(source, gguf_file))
         key = sha256_of(local)[:16]
-    final = cache_dir() / "models" / f"{local.stem}-{key}"
+    final = cache_dir() / "models" / f"{local.stem}-{key}-v{CONVERSION_VERSION}"
     if (final / "prospect-conversion.json").is_file():
         return str(final)
     log.info("converting %s to safetensors (once) in %s", local.name, final)
     tokenizer = AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name)
     model = AutoModelForCausalLM.from_pretrained(str(local.parent), gguf_file=local.name, dtype=torch.float32)
     detach_quantizer(model)
+    rounded = round_to_bf16(model)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     check_saved_weights(model, tmp)
-    (tmp / "prospect-conversion.json").write_text(json.dumps({"gguf": local.name, "sha256_prefix": key}))
+    record = {
+        "gguf": local.name,
+        "sha256_prefix": key,
+        "version": CONVERSION_VERSION,
+        "bf16_rounded": rounded,
+    }
+    (tmp / "prospect-conversion.json").write_text(json.dumps(record))
     replace_dir(tmp, final)
     return str(final)
 
