@@ -73,6 +73,59 @@ def test_sigkill_at_a_fault_point_resumes_bit_identically(fault, straight, tiny_
     assert kept == ["step-000005", "step-000006"]  # keep_last=2, and never fewer than one good one
 
 
+def damage_newest(run: Path, how: str) -> None:
+    """Break the newest checkpoint the way a crash, a full disk or a careless user does."""
+    newest = run / "checkpoints" / "step-000004"
+    if how == "truncated weights":
+        weights_file = newest / "model.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    elif how == "missing scheduler":
+        (newest / "scheduler.json").unlink()
+    elif how == "flipped optimizer byte":  # same size, different content: only the hash tells
+        state = bytearray((newest / "optimizer.safetensors").read_bytes())
+        state[-5] ^= 0xFF
+        (newest / "optimizer.safetensors").write_bytes(bytes(state))
+    elif how == "missing rng":
+        (newest / "rng-0.safetensors").unlink()
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated weights", "missing scheduler", "flipped optimizer byte", "missing rng"]
+)
+def test_resume_falls_back_past_a_damaged_checkpoint(how, straight, tiny_model_dir, tmp_path, caplog):
+    """The newest checkpoint is damaged after a kill: resume warns in one line, restarts from the newest
+    intact one, and still ends bit-identical to the uninterrupted run. A kill mid-write also left a
+    half-written metrics line, a half-deleted old checkpoint and a temporary copy of the final model."""
+    data, options, expected = straight
+    run = tmp_path / "run"
+    killed = cli(tiny_overrides(tiny_model_dir, data, run, **options), env={"PROSPECT_FAULT": "step:5"})
+    assert killed.returncode == -signal.SIGKILL
+    damage_newest(run, how)
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 5, "loss": 0.4')  # cut short by the kill
+    (run / "checkpoints" / ".step-000002.deleting").mkdir()  # a prune the kill interrupted
+    (run / ".final.abc123").mkdir()  # a final export the kill interrupted
+    resumed = cli(tiny_overrides(tiny_model_dir, data, run, **options, **{"train.resume": True}))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step-000004: " in resumed.stderr and "falling back to an older checkpoint" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "step-000003" in resumed.stdout
+    assert same(weights(run), expected)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not list(run.glob(".final.*")) and not list((run / "checkpoints").glob(".*"))
+
+
+def test_every_checkpoint_carries_a_manifest_written_last(straight, tiny_model_dir, tmp_path):
+    data, options, _ = straight
+    run = tmp_path / "run"
+    done = cli(tiny_overrides(tiny_model_dir, data, run, **options))
+    assert done.returncode == 0, done.stderr
+    for checkpoint in (run / "checkpoints").iterdir():
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        files = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.name != "manifest.json"}
+        assert set(manifest) == files and all(size > 0 for size, _ in manifest.values())
+
+
 def test_sigkill_at_random_moments(straight, tiny_model_dir, tmp_path):
     """Killed from outside, at whatever moment it lands, three times in a row; then finished."""
     data, options, expected = straight

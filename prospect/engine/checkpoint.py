@@ -1,14 +1,17 @@
 """Resumable checkpoints in safetensors and JSON only (no pickle), written atomically, and the final model.
 
 A checkpoint is a directory `step-000050` holding the trainable weights, the optimizer state, the
-scheduler and trainer state, and each process's RNG state. It is written under a temporary name and
-renamed into place, so a directory with the final name is always complete. `Checkpointer` does this for a
+scheduler and trainer state, and each process's RNG state. It is written under a temporary name, its
+manifest (every file's size and hash) last, and renamed into place. Resume verifies the manifest and falls
+back to the newest intact checkpoint, so a truncated or half-deleted one is never trusted; old ones are
+renamed away before they are deleted. `Checkpointer` does this for a
 run, on every process; the functions below it are the file formats.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +38,8 @@ SHARDED_STATE = "sharded"  # FSDP / DeepSpeed checkpoints: accelerate's own per-
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"  # written last: {file: [size, blake2b]} of every other file
+LEFTOVERS = (".step-*.tmp", ".step-*.stale", ".step-*.deleting")  # what a killed save or prune leaves
 
 
 def step_dir_name(step: int) -> str:
@@ -42,15 +47,74 @@ def step_dir_name(step: int) -> str:
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints, oldest first. Temporary directories never match."""
+    """(step, path) of checkpoints that were committed, oldest first (`damage` tells whether one is still
+    intact). Temporary directories never match; checkpoints written before manifests existed count when
+    their state file is there."""
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
+        if match and ((child / MANIFEST).is_file() or (child / STATE_FILE).is_file()):
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_of(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: Path) -> None:
+    """Every file's size and hash, written after all of them."""
+    write_json(
+        directory / MANIFEST,
+        {str(p.relative_to(directory)): [p.stat().st_size, file_digest(p)] for p in files_of(directory)},
+    )
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with a committed checkpoint, or None when every file its manifest lists is whole."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None if (directory / STATE_FILE).is_file() else f"no {MANIFEST}"  # older format
+    try:
+        listed = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, digest) in listed.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        if file_digest(file) != digest:
+            return f"{name} does not match its hash"
+    return None
+
+
+def newest_intact(root: Path) -> tuple[int, Path] | None:
+    """The newest checkpoint that passes `damage`, warning in one line about each newer one skipped."""
+    for step, path in reversed(complete_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            return step, path
+        log.warning("%s: %s; falling back to an older checkpoint", path, problem)
+    return None
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary copies a killed save, prune or final export left behind."""
+    for pattern in (*(f"checkpoints/{p}" for p in LEFTOVERS), ".final.*"):
+        for leftover in run_dir.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def temporary_dir(root: Path, step: int) -> Path:
@@ -62,8 +126,10 @@ def temporary_dir(root: Path, step: int) -> Path:
 
 
 def commit(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
-    """fsync the files, rename the directory into place, then prune older complete checkpoints."""
-    for file in tmp.iterdir():
+    """Write the manifest, fsync the files, rename the directory into place, then prune older checkpoints
+    (each renamed away first, so a kill while deleting never leaves a directory that looks committed)."""
+    write_manifest(tmp)
+    for file in [*files_of(tmp), tmp / MANIFEST]:
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
     final = root / step_dir_name(step)
@@ -78,7 +144,9 @@ def commit(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
     fsync_dir(root)
     if keep_last > 0:
         for _, old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = root / f".{old.name}.deleting"
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -227,12 +295,15 @@ class Checkpointer:
         return final
 
     def resume(self, total_steps: int) -> int:
-        """Restore the newest complete checkpoint; return its step (0 when there is none yet)."""
-        found = complete_checkpoints(self.root)
-        if not found:
-            log.warning("%s: no complete checkpoint yet; starting from step 0", self.run_dir)
+        """Restore the newest intact checkpoint; return its step (0 when there is none yet)."""
+        if self.acc.is_main_process:
+            remove_leftovers(self.run_dir)
+        self.acc.wait_for_everyone()
+        found = newest_intact(self.root)
+        if found is None:
+            log.warning("%s: no intact checkpoint yet; starting from step 0", self.run_dir)
             return 0
-        step, path = found[-1]
+        step, path = found
         state = json.loads((path / STATE_FILE).read_text())
         if state["world_size"] != self.acc.num_processes:
             raise UserError(

@@ -4,12 +4,17 @@ written to metrics.jsonl, the console and accelerate's trackers."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from prospect.io import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 class StepStats:
@@ -45,17 +50,22 @@ class StepStats:
 
 
 class MetricsLog:
-    """Appends one JSON line per step to metrics.jsonl; truncated to a step when a run resumes."""
+    """Appends one JSON line per step to metrics.jsonl; on resume, cut back to the resumed step. A line a kill
+    cut short (only the last can be) is dropped with a warning."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    log.warning("%s:%d: not a whole JSON line (a kill cut it short); dropped", path, number)
+                    continue
+                if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
+                    kept.append(line)
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -135,6 +136,8 @@ def convert_gguf(source: str, gguf_file: str) -> str:
     detach_quantizer(model)
     rounded = round_to_bf16(model)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in final.parent.glob(f".{final.name}.*"):  # a conversion killed half way
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
