@@ -15,6 +15,12 @@ import yaml
 
 from prospect.errors import UserError
 from prospect.options import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    Bounds,
     build_section,
     describe_section,
     opt,
@@ -38,10 +44,12 @@ class ModelConfig:
         False, "Load weights stored with pickle (pytorch_model.bin). Off: safetensors only."
     )
     lora_r: int = opt(
-        0, "LoRA rank; 0 trains all weights. With LoRA the reference is the adapter-disabled model."
+        0,
+        "LoRA rank; 0 trains all weights. With LoRA the reference is the adapter-disabled model.",
+        bounds=NON_NEGATIVE,
     )
-    lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r).", bounds=POSITIVE)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", bounds=Bounds(0, 1, high_open=True))
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: 'all-linear' or a comma list.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     attn_implementation: str = opt(
@@ -78,10 +86,12 @@ class DataConfig:
         -0.5, "Rated rows: a rating below this is undesirable; in between is left out."
     )
     pair_min_gap: float = opt(
-        1.0, "Rated rows: pair two completions of the same prompt when ratings differ this much."
+        1.0,
+        "Rated rows: pair two completions of the same prompt when ratings differ this much.",
+        bounds=NON_NEGATIVE,
     )
     max_pairs_per_prompt: int = opt(
-        0, "Rated rows: at most this many pairs per prompt, drawn at random (0: all)."
+        0, "Rated rows: at most this many pairs per prompt, drawn at random (0: all).", bounds=NON_NEGATIVE
     )
     unpaired_from_pairs: str = opt(
         "both",
@@ -90,13 +100,15 @@ class DataConfig:
         ("both", "one", "chosen", "rejected"),
     )
     desirable_fraction: float = opt(
-        1.0, "Keep this fraction of desirable examples (the KTO paper's imbalance test)."
+        1.0, "Keep this fraction of desirable examples (the KTO paper's imbalance test).", bounds=SHARE
     )
-    undesirable_fraction: float = opt(1.0, "Keep this fraction of undesirable examples.")
-    max_length: int = opt(256, "Maximum tokens of prompt + completion.")
-    max_prompt_length: int = opt(128, "Prompts longer than this keep their last tokens, when truncating.")
+    undesirable_fraction: float = opt(1.0, "Keep this fraction of undesirable examples.", bounds=SHARE)
+    max_length: int = opt(256, "Maximum tokens of prompt + completion.", bounds=Bounds(2))
+    max_prompt_length: int = opt(
+        128, "Prompts longer than this keep their last tokens, when truncating.", bounds=AT_LEAST_ONE
+    )
     truncation: bool = opt(True, "Truncate long examples; when false, a too-long example is an error.")
-    limit: int = opt(0, "Use at most this many training rows (0: all).")
+    limit: int = opt(0, "Use at most this many training rows (0: all).", bounds=NON_NEGATIVE)
 
 
 @dataclass
@@ -106,27 +118,37 @@ class TrainConfig:
         False, "Delete an existing run directory first. Without it, an existing one is an error."
     )
     resume: bool = opt(False, "Continue the run in `output_dir` from its last complete checkpoint.")
-    learning_rate: float = opt(5e-6, "Peak AdamW learning rate.")
+    learning_rate: float = opt(5e-6, "Peak AdamW learning rate.", bounds=POSITIVE)
     lr_scheduler: str = opt("linear", "Decay after warmup.", ("constant", "linear", "cosine"))
-    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up linearly from 0.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    batch_size: int = opt(8, "Examples per device per microbatch (for pairs: pairs).")
-    grad_accum: int = opt(1, "Microbatches accumulated per optimizer step.")
-    max_steps: int = opt(0, "Optimizer steps to run; 0 means `epochs` passes over the data.")
-    epochs: float = opt(1.0, "Passes over the training data when `max_steps` is 0.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up linearly from 0.", bounds=FRACTION)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", bounds=NON_NEGATIVE)
+    batch_size: int = opt(8, "Examples per device per microbatch (for pairs: pairs).", bounds=AT_LEAST_ONE)
+    grad_accum: int = opt(1, "Microbatches accumulated per optimizer step.", bounds=AT_LEAST_ONE)
+    max_steps: int = opt(
+        0, "Optimizer steps to run; 0 means `epochs` passes over the data.", bounds=NON_NEGATIVE
+    )
+    epochs: float = opt(1.0, "Passes over the training data when `max_steps` is 0.", bounds=POSITIVE)
+    max_grad_norm: float = opt(
+        1.0, "Clip the global gradient norm to this value (0: no clipping).", bounds=NON_NEGATIVE
+    )
     precision: str = opt(
         "auto",
         "Compute precision: 'bf16' autocasts the transformer (log-softmax stays fp32), 'fp32' does not, "
         "'auto' picks bf16 where the hardware has fast bf16 matmuls.",
         ("auto", "bf16", "fp32"),
     )
-    seed: int = opt(42, "Seed for data order, initialisation and sampling.")
+    seed: int = opt(42, "Seed for data order, initialisation and sampling.", bounds=NON_NEGATIVE)
     deterministic: bool = opt(True, "Ask torch for deterministic algorithms.")
-    threads: int = opt(0, "CPU threads for torch (0: leave torch's default).")
-    save_every: int = opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
-    keep_last: int = opt(2, "Checkpoints to keep; older ones are pruned after a newer one is complete.")
-    log_every: int = opt(10, "Print a metrics line every N steps (every step goes to metrics.jsonl).")
+    threads: int = opt(0, "CPU threads for torch (0: leave torch's default).", bounds=NON_NEGATIVE)
+    save_every: int = opt(
+        0, "Write a resumable checkpoint every N steps (0: only at the end).", bounds=NON_NEGATIVE
+    )
+    keep_last: int = opt(
+        2, "Checkpoints to keep; older ones are pruned after a newer one is complete.", bounds=NON_NEGATIVE
+    )
+    log_every: int = opt(
+        10, "Print a metrics line every N steps (every step goes to metrics.jsonl).", bounds=AT_LEAST_ONE
+    )
     report_to: str = opt("none", "Trackers accelerate supports, comma separated (tensorboard, wandb, ...).")
     reference: str = opt(
         "auto",
@@ -147,10 +169,10 @@ class TrainConfig:
         "training continues from a later checkpoint).",
     )
     reference_refresh_every: int = opt(
-        0, "TR-DPO: copy the policy into the reference every N steps (0: never)."
+        0, "TR-DPO: copy the policy into the reference every N steps (0: never).", bounds=NON_NEGATIVE
     )
     reference_refresh_alpha: float = opt(
-        1.0, "TR-DPO soft update: ref <- alpha * policy + (1 - alpha) * ref."
+        1.0, "TR-DPO soft update: ref <- alpha * policy + (1 - alpha) * ref.", bounds=SHARE
     )
     padding_free: bool = opt(
         False, "Pack each microbatch into rows with per-sequence positions: no compute on padding."
@@ -171,6 +193,7 @@ class TrainConfig:
         0,
         "Completion tokens per chunk of the fp32 output projection; 0 sizes chunks to 2^25 logits "
         "(128 MB), so memory does not grow with the vocabulary.",
+        bounds=NON_NEGATIVE,
     )
 
 
@@ -179,6 +202,7 @@ class EvalConfig:
     num_prompts: int = opt(
         0,
         "Held-out prompts to sample from before and after training (reward models: held-out rows); 0: none.",
+        bounds=NON_NEGATIVE,
     )
     judge: str = opt(
         "none",
@@ -186,13 +210,15 @@ class EvalConfig:
         "online.reward_function, e.g. an exact-match verifier), or 'none'.",
         ("none", "vader", "reward"),
     )
-    max_new_tokens: int = opt(48, "Tokens generated per prompt.")
+    max_new_tokens: int = opt(48, "Tokens generated per prompt.", bounds=AT_LEAST_ONE)
     temperature: float = opt(
-        1.0, "Sampling temperature; 1.0 samples the policy itself, so the KL estimate is unbiased."
+        1.0,
+        "Sampling temperature; 1.0 samples the policy itself, so the KL estimate is unbiased.",
+        bounds=NON_NEGATIVE,
     )
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
-    batch_size: int = opt(32, "Prompts per generation batch.")
-    show: int = opt(3, "Example generations to print before and after.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.", bounds=SHARE)
+    batch_size: int = opt(32, "Prompts per generation batch.", bounds=AT_LEAST_ONE)
+    show: int = opt(3, "Example generations to print before and after.", bounds=NON_NEGATIVE)
     before: bool = opt(True, "Also evaluate before training (online rounds skip it after the first round).")
 
 
@@ -204,12 +230,16 @@ class OnlineConfig:
     reward_function: str | None = opt(
         None, "Python reward instead of a model: 'module:function' called as f(prompt, completion) -> float."
     )
-    samples_per_prompt: int = opt(1, "Completions sampled per prompt in each rollout.")
-    max_new_tokens: int = opt(48, "Tokens generated per completion.")
-    temperature: float = opt(1.0, "Sampling temperature of rollouts (1.0 samples the policy itself).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold of rollouts.")
-    top_k: int = opt(0, "Top-k cut of rollouts (0: none).")
-    batch_size: int = opt(32, "Completions generated at once in rollouts, best-of-N and online rounds.")
+    samples_per_prompt: int = opt(1, "Completions sampled per prompt in each rollout.", bounds=AT_LEAST_ONE)
+    max_new_tokens: int = opt(48, "Tokens generated per completion.", bounds=AT_LEAST_ONE)
+    temperature: float = opt(
+        1.0, "Sampling temperature of rollouts (1.0 samples the policy itself).", bounds=NON_NEGATIVE
+    )
+    top_p: float = opt(1.0, "Nucleus sampling threshold of rollouts.", bounds=SHARE)
+    top_k: int = opt(0, "Top-k cut of rollouts (0: none).", bounds=NON_NEGATIVE)
+    batch_size: int = opt(
+        32, "Completions generated at once in rollouts, best-of-N and online rounds.", bounds=AT_LEAST_ONE
+    )
     sampler: str = opt(
         "hf", "Sampling backend: 'hf' (transformers generate) or 'vllm' (GPU, if installed).", ("hf", "vllm")
     )
@@ -219,7 +249,9 @@ class OnlineConfig:
         ("best", "threshold"),
     )
     keep_threshold: float = opt(0.0, "Best-of-N with keep=threshold: the score a sample must exceed.")
-    prompts: int = opt(0, "Best-of-N and online rounds: prompts sampled (0: every training prompt).")
+    prompts: int = opt(
+        0, "Best-of-N and online rounds: prompts sampled (0: every training prompt).", bounds=NON_NEGATIVE
+    )
 
 
 @dataclass
@@ -231,7 +263,7 @@ class LoopConfig:
         "critique and revise against a constitution, fine-tune on the revisions.",
         ("iterative", "rest", "rest_em", "constitutional"),
     )
-    rounds: int = opt(2, "Rounds (ReST: Grow steps; ReST-EM: EM iterations).")
+    rounds: int = opt(2, "Rounds (ReST: Grow steps; ReST-EM: EM iterations).", bounds=AT_LEAST_ONE)
     threshold: str = opt(
         "fixed",
         "Binary labels: desirable above a 'fixed' value, or above the 'mean' or 'median' "
@@ -243,13 +275,16 @@ class LoopConfig:
         0.0,
         "Binary labels: keep at most this many undesirable rows per desirable one (0 keeps all), those whose "
         "prompt also has a desirable sample first. Rare successes are otherwise swamped by failures.",
+        bounds=NON_NEGATIVE,
     )
     pair_selection: str = opt(
         "best_worst",
         "Pairs: 'best_worst', a 'random' pair, or a random pair at least pair_min_gap apart ('min_gap').",
         ("best_worst", "random", "min_gap"),
     )
-    pair_min_gap: float = opt(0.0, "Smallest score gap of a pair with pair_selection=min_gap.")
+    pair_min_gap: float = opt(
+        0.0, "Smallest score gap of a pair with pair_selection=min_gap.", bounds=NON_NEGATIVE
+    )
     improve_thresholds: str = opt(
         "0.5,0.7,0.9", "ReST: the rising reward thresholds of the Improve steps, comma separated."
     )
@@ -310,6 +345,21 @@ class Config:
         return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML recipe (or the defaults), apply overrides and validate every value."""
     raw: dict[str, Any] = {}
@@ -318,7 +368,7 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         file = resolve_recipe(path)
         source = str(file)
         try:
-            raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(file.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -3,25 +3,65 @@ line, with one-line errors that suggest the closest valid name. Knows nothing of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from prospect.errors import UserError
+from prospect.errors import UserError, brief
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text (and allowed values, for strings)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric option must lie in; open ends exclude their limit."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
 
 
-def coerce(value: Any, annotation: Any, where: str, choices: tuple[str, ...] | None = None) -> Any:
-    """Check `value` against a field's type, accepting ints for floats; raise a one-line UserError."""
+POSITIVE = Bounds(0, low_open=True)
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
+FRACTION = Bounds(0, 1)  # [0, 1]
+SHARE = Bounds(0, 1, low_open=True)  # (0, 1]
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, bounds: Bounds | None = None) -> Any:
+    """A config field with its help text, and the allowed values: `choices` for strings, `bounds` for
+    numbers (every float must also be finite)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+
+
+def coerce(
+    value: Any,
+    annotation: Any,
+    where: str,
+    choices: tuple[str, ...] | None = None,
+    bounds: Bounds | None = None,
+) -> Any:
+    """Check `value` against a field's type and range, accepting ints for floats; raise a one-line
+    UserError."""
     if isinstance(value, CommandLineText):
         if annotation is str or (value.strip() and str in typing.get_args(annotation) and value != "null"):
             value = str(value)
@@ -36,31 +76,38 @@ def coerce(value: Any, annotation: Any, where: str, choices: tuple[str, ...] | N
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return coerce(value, inner, where, choices)
+        return coerce(value, inner, where, choices, bounds)
     if annotation is bool:
         if isinstance(value, bool):
             return value
         raise UserError(f"{where}: expected true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected a whole number, got {value!r}")
+            return within(value, bounds, where, "a whole number")
+        raise UserError(f"{where}: expected a whole number, got {brief(value)}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise UserError(f"{where}: expected a finite number, got {brief(value)}")
+        return within(number, bounds, where, "a number")
     if annotation is str:
         if not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
+            raise UserError(f"{where}: expected a string, got {brief(value)}")
         if choices and value not in choices:
-            raise UserError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+            raise UserError(f"{where}: expected one of {', '.join(choices)}, got {brief(value)}")
         return value
     raise TypeError(f"unsupported config type {annotation}")
+
+
+def within(value: float, bounds: Bounds | None, where: str, kind: str) -> Any:
+    if bounds is not None and not bounds.holds(value):
+        raise UserError(f"{where}: expected {kind} {bounds.describe()}, got {brief(value)}")
+    return value
 
 
 def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -71,7 +118,8 @@ def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         if key not in known:
             raise UserError(f"{where}: unknown option '{key}'{suggest(key, known)}")
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}", known[key].metadata.get("choices"))
+        meta = known[key].metadata
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}", meta.get("choices"), meta.get("bounds"))
     return cls(**kwargs)
 
 
@@ -109,8 +157,8 @@ def describe_section(name: str, cls: type) -> list[str]:
     """`name.option = default [choices]` and its help, for each option of a section."""
     lines = []
     for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        allowed = f" [{'|'.join(choices)}]" if choices else ""
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+        allowed = f" [{'|'.join(choices)}]" if choices else f" [{bounds.describe()}]" if bounds else ""
         lines.append(f"  {name}.{f.name} = {f.default!r}{allowed}")
         lines.append(f"      {f.metadata['help']}")
     return lines

@@ -72,7 +72,7 @@ def test_cdpo_and_robust_match_formula():
 
 
 def test_label_smoothing_must_stay_below_half():
-    with pytest.raises(UserError, match=r"loss.label_smoothing=0.5: expected a value in \[0, 0.5\)"):
+    with pytest.raises(UserError, match=r"test.label_smoothing: expected a number in \[0, 0.5\), got 0.5"):
         get_loss("robust_dpo").make_params({"label_smoothing": 0.5}, "test")
 
 

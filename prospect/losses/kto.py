@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from prospect.data.tokenize import Encoded, TrainingItem, all_instances
 from prospect.errors import UserError
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, masked_mean_of
-from prospect.options import opt
+from prospect.options import POSITIVE, opt
 
 # The paper's rule for imbalanced data: lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
 BALANCE_RANGE = (1.0, 4.0 / 3.0)
@@ -31,9 +31,11 @@ BALANCE_RANGE = (1.0, 4.0 / 3.0)
 
 @dataclass
 class KTOParams:
-    beta: float = opt(0.1, "Reward scale beta: higher keeps the policy closer to the reference.")
-    desirable_weight: float = opt(1.0, "lambda_D, the weight of desirable examples.")
-    undesirable_weight: float = opt(1.0, "lambda_U, the weight of undesirable examples.")
+    beta: float = opt(
+        0.1, "Reward scale beta: higher keeps the policy closer to the reference.", bounds=POSITIVE
+    )
+    desirable_weight: float = opt(1.0, "lambda_D, the weight of desirable examples.", bounds=POSITIVE)
+    undesirable_weight: float = opt(1.0, "lambda_U, the weight of undesirable examples.", bounds=POSITIVE)
     auto_weights: bool = opt(
         False,
         "Set desirable_weight from the label counts so lambda_D * n_D / (lambda_U * n_U) = 1 (the paper's rule).",

@@ -12,27 +12,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prospect.errors import UserError
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of
-from prospect.options import opt
+from prospect.options import POSITIVE, Bounds, opt
 
 
 @dataclass
 class DPOParams:
-    beta: float = opt(0.1, "Reward scale beta: higher keeps the policy closer to the reference.")
+    beta: float = opt(
+        0.1, "Reward scale beta: higher keeps the policy closer to the reference.", bounds=POSITIVE
+    )
     label_smoothing: float = opt(
-        0.0, "epsilon, the assumed rate of flipped labels: conservative DPO (cDPO) when > 0."
+        0.0,
+        "epsilon, the assumed rate of flipped labels: conservative DPO (cDPO) when > 0.",
+        bounds=Bounds(0, 0.5, high_open=True),
     )
     robust: bool = opt(False, "With label_smoothing: the unbiased robust DPO estimator (Chowdhury et al.).")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"loss.label_smoothing={self.label_smoothing}: expected a value in [0, 0.5)")
 
 
 @dataclass
 class CDPOParams(DPOParams):
-    label_smoothing: float = opt(0.2, "epsilon, the assumed rate of flipped labels.")
+    label_smoothing: float = opt(
+        0.2, "epsilon, the assumed rate of flipped labels.", bounds=Bounds(0, 0.5, high_open=True)
+    )
 
 
 @dataclass
@@ -43,13 +44,17 @@ class RobustDPOParams(CDPOParams):
 @dataclass
 class IPOParams:
     tau: float = opt(
-        0.1, "Regularisation tau: the target margin of length-normalised log-ratios is 1/(2 tau)."
+        0.1,
+        "Regularisation tau: the target margin of length-normalised log-ratios is 1/(2 tau).",
+        bounds=POSITIVE,
     )
 
 
 @dataclass
 class HingeParams:
-    beta: float = opt(0.1, "Reward scale beta; the loss is max(0, 1 - beta * (r_chosen - r_rejected)).")
+    beta: float = opt(
+        0.1, "Reward scale beta; the loss is max(0, 1 - beta * (r_chosen - r_rejected)).", bounds=POSITIVE
+    )
 
 
 def implied_rewards(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:

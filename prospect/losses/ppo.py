@@ -11,31 +11,36 @@ from dataclasses import dataclass
 
 import torch
 
-from prospect.errors import UserError
 from prospect.losses.base import LossInputs, LossOutput, LossSpec
-from prospect.options import opt
+from prospect.options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, opt
 
 
 @dataclass
 class PPOParams:
-    clip: float = opt(0.2, "Policy ratio clip epsilon.")
+    clip: float = opt(0.2, "Policy ratio clip epsilon.", bounds=POSITIVE)
     value_clip: float = opt(
-        0.2, "Value clip: new values stay within this of the rollout's values (0: no clipping)."
+        0.2,
+        "Value clip: new values stay within this of the rollout's values (0: no clipping).",
+        bounds=NON_NEGATIVE,
     )
-    vf_coef: float = opt(0.1, "Weight of the value loss.")
-    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
-    gamma: float = opt(1.0, "Discount of GAE.")
-    lam: float = opt(0.95, "lambda of GAE.")
-    kl_coef: float = opt(0.05, "Initial coefficient of the per-token KL penalty to the reference.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.", bounds=NON_NEGATIVE)
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.", bounds=NON_NEGATIVE)
+    gamma: float = opt(1.0, "Discount of GAE.", bounds=FRACTION)
+    lam: float = opt(0.95, "lambda of GAE.", bounds=FRACTION)
+    kl_coef: float = opt(
+        0.05, "Initial coefficient of the per-token KL penalty to the reference.", bounds=NON_NEGATIVE
+    )
     kl_estimator: str = opt(
         "k1",
         "Per-token KL estimate: k1 = log pi/pi_ref, k3 = (r - 1) - log r with r = pi_ref/pi.",
         ("k1", "k3"),
     )
-    kl_target: float = opt(0.0, "Adaptive KL control: target sequence KL in nats (0: fixed coefficient).")
-    kl_horizon: float = opt(10000.0, "Adaptive KL control horizon.")
-    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
-    minibatches: int = opt(2, "Minibatches per pass (each one optimizer update).")
+    kl_target: float = opt(
+        0.0, "Adaptive KL control: target sequence KL in nats (0: fixed coefficient).", bounds=NON_NEGATIVE
+    )
+    kl_horizon: float = opt(10000.0, "Adaptive KL control horizon.", bounds=POSITIVE)
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.", bounds=AT_LEAST_ONE)
+    minibatches: int = opt(2, "Minibatches per pass (each one optimizer update).", bounds=AT_LEAST_ONE)
     whiten_advantages: bool = opt(
         True, "Normalise advantages to zero mean and unit variance over the rollout."
     )
@@ -49,10 +54,6 @@ class PPOParams:
         "Separate critic's initial weights: 'reward' (the reward model, as InstructGPT) or 'policy'.",
         ("reward", "policy"),
     )
-
-    def __post_init__(self) -> None:
-        if self.ppo_epochs < 1 or self.minibatches < 1:
-            raise UserError("loss.ppo_epochs and loss.minibatches: expected at least 1")
 
 
 def policy_loss(

@@ -13,24 +13,32 @@ import torch.nn.functional as F
 
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of
 from prospect.losses.pairwise import pair_metrics
-from prospect.options import opt
+from prospect.options import NON_NEGATIVE, POSITIVE, opt
 
 
 @dataclass
 class SimPOParams:
-    beta: float = opt(2.0, "Reward scale beta on the average log-prob (the paper uses 2 to 2.5).")
+    beta: float = opt(
+        2.0, "Reward scale beta on the average log-prob (the paper uses 2 to 2.5).", bounds=POSITIVE
+    )
     gamma: float = opt(1.0, "Target reward margin gamma (the paper uses 0.5 to 1.6).")
 
 
 @dataclass
 class ORPOParams:
-    lam: float = opt(0.1, "lambda, the weight of the odds-ratio term added to the chosen NLL.")
+    lam: float = opt(
+        0.1, "lambda, the weight of the odds-ratio term added to the chosen NLL.", bounds=NON_NEGATIVE
+    )
 
 
 @dataclass
 class SLiCParams:
-    delta: float = opt(1.0, "Calibration margin delta on summed log-probs.")
-    lam: float = opt(0.1, "lambda, the weight of the NLL regulariser on the chosen completion (0: none).")
+    delta: float = opt(1.0, "Calibration margin delta on summed log-probs.", bounds=NON_NEGATIVE)
+    lam: float = opt(
+        0.1,
+        "lambda, the weight of the NLL regulariser on the chosen completion (0: none).",
+        bounds=NON_NEGATIVE,
+    )
 
 
 def average_logps(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, mean_of
-from prospect.options import opt
+from prospect.options import NON_NEGATIVE, opt
 
 
 @dataclass
@@ -22,7 +22,11 @@ class BTParams:
         0.0,
         "Llama 2 margin: subtract margin_scale * (score gap or margin label) inside the sigmoid (0: plain BT).",
     )
-    center: float = opt(0.0, "Reward centering eta: add eta * (s_better + s_worse)^2, keeping scores near 0.")
+    center: float = opt(
+        0.0,
+        "Reward centering eta: add eta * (s_better + s_worse)^2, keeping scores near 0.",
+        bounds=NON_NEGATIVE,
+    )
 
 
 @dataclass

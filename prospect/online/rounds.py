@@ -279,8 +279,6 @@ def run_loop(config: Config) -> Path:
             f"loss '{spec.name}' cannot be trained in rounds; use an offline policy loss (kto, dpo, sft, ...)"
         )
     loop = config.loop
-    if loop.rounds < 1:
-        raise UserError(f"loop.rounds={loop.rounds}: expected at least 1")
     kind = LOOP_KINDS[loop.kind](config, spec)
     run = RunDir(config)
     if loop.judge == "none" and kind.labels_with_reward:
