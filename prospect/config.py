@@ -188,6 +188,16 @@ class TrainConfig:
         "stays intact), or 'skip' the step without updating.",
         ("stop", "skip"),
     )
+    max_skips_in_a_row: int = opt(
+        3,
+        "With on_nonfinite=skip: stop when this many updates in a row were skipped (0: no limit).",
+        bounds=NON_NEGATIVE,
+    )
+    max_skips: int = opt(
+        10,
+        "With on_nonfinite=skip: stop when this many updates were skipped in all (0: no limit).",
+        bounds=NON_NEGATIVE,
+    )
     disable_dropout: bool = opt(True, "Turn off dropout so policy and reference log-probs are comparable.")
     logprob_chunk: int = opt(
         0,

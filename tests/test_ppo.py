@@ -241,6 +241,8 @@ def test_ppo_nonfinite_update_is_stopped_or_skipped(on_nonfinite, tiny_model_dir
             "online.max_new_tokens": 4,
             "train.max_steps": 2,
             "train.on_nonfinite": on_nonfinite,
+            "train.max_skips_in_a_row": 0,  # no cap here; the cap has its own test
+            "train.max_skips": 0,
         },
     )
     trainer = make_trainer(load_config(None, overrides))
@@ -254,3 +256,31 @@ def test_ppo_nonfinite_update_is_stopped_or_skipped(on_nonfinite, tiny_model_dir
         assert torch.equal(param, initial[name]), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["skipped"] for line in lines] == [4.0, 4.0]  # ppo_epochs x minibatches per step
+
+
+@pytest.mark.parametrize(
+    ("in_a_row", "total", "name"), [(2, 0, "max_skips_in_a_row=2"), (0, 5, "max_skips=5")]
+)
+def test_skipping_stops_at_its_cap(in_a_row, total, name, tiny_model_dir, kto_file, tmp_path):
+    """`skip` is not a way to finish a run on garbage: past the cap of skipped updates the run stops."""
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        kto_file,
+        tmp_path / "run",
+        **{
+            "loss.name": "ppo",
+            "loss.critic": "shared",
+            "loss.ppo_epochs": 2,
+            "loss.minibatches": 2,
+            "online.reward_function": "tests.test_ppo:reward_nan",
+            "online.max_new_tokens": 4,
+            "train.max_steps": 2,
+            "train.on_nonfinite": "skip",
+            "train.max_skips_in_a_row": in_a_row,
+            "train.max_skips": total,
+        },
+    )
+    trainer = make_trainer(load_config(None, overrides))
+    skipped = (in_a_row or total) + 1
+    with pytest.raises(UserError, match=rf"{skipped} updates skipped, more than train.{name}"):
+        trainer.train()

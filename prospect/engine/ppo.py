@@ -141,9 +141,10 @@ class PPOTrainer(Trainer):
         return self.params.ppo_epochs * self.params.minibatches
 
     def loop_state(self) -> dict:
-        return {"kl_coef": self.kl.coef}
+        return {**super().loop_state(), "kl_coef": self.kl.coef}
 
     def load_loop_state(self, state: dict) -> None:
+        super().load_loop_state(state)
         self.kl.coef = state.get("kl_coef", self.kl.coef)
 
     # ----- one rollout and its updates ----------------------------------------------------------

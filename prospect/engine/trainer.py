@@ -181,6 +181,7 @@ class Trainer:
             ),
         )
         self.step = 0
+        self.skips = self.skips_in_a_row = 0  # updates skipped for a non-finite loss or gradient
 
     # ----- set-up -------------------------------------------------------------------------------
     def check_options(self) -> None:
@@ -231,11 +232,12 @@ class Trainer:
         return 1
 
     def loop_state(self) -> dict:
-        """Loop state beyond weights, optimizer and RNG that a checkpoint must keep (PPO's KL coefficient)."""
-        return {}
+        """Loop state beyond weights, optimizer and RNG that a checkpoint must keep (skipped updates; PPO's KL
+        coefficient)."""
+        return {"skips": self.skips, "skips_in_a_row": self.skips_in_a_row}
 
     def load_loop_state(self, state: dict) -> None:
-        pass
+        self.skips, self.skips_in_a_row = state.get("skips", 0), state.get("skips_in_a_row", 0)
 
     def build_reference(self) -> FrozenReference | None:
         """The live reference: for the loss, and for the held-out KL of any loss."""
@@ -434,12 +436,24 @@ class Trainer:
                 f"examples: {'; '.join(sorted(set(locations)))[:800]}"
             )
             self.optimizer.zero_grad(set_to_none=True)
-            if self.cfg.train.on_nonfinite == "stop":
+            t = self.cfg.train
+            if t.on_nonfinite == "stop":
                 raise UserError(
                     message + ". The last checkpoint is intact; train.on_nonfinite=skip skips such steps."
                 )
-            log.warning("%s; step skipped (no update)", message)
+            self.skips, self.skips_in_a_row = self.skips + 1, self.skips_in_a_row + 1
+            for count, limit, name in (
+                (self.skips_in_a_row, t.max_skips_in_a_row, "max_skips_in_a_row"),
+                (self.skips, t.max_skips, "max_skips"),
+            ):
+                if limit and count > limit:
+                    raise UserError(
+                        f"{message}. {count} updates skipped, more than train.{name}={limit}; "
+                        "the data or the learning rate needs a look. The last checkpoint is intact."
+                    )
+            log.warning("%s; update skipped", message)
             return grad_norm, False
+        self.skips_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
