@@ -15,6 +15,7 @@ from prospect.data.convert import unpair
 from prospect.data.formats import parse_rows
 from prospect.data.pipeline import read_training
 from prospect.data.shapes import make_batch
+from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoded, Encoder
 from prospect.errors import UserError
 from prospect.losses.kto import MismatchedPairsKL
@@ -235,3 +236,12 @@ def test_no_pairs_is_a_clear_error(tmp_path):
     )
     with pytest.raises(UserError, match="no preference pairs could be built"):
         read_training(DataConfig(train=str(path)), "paired", seed=0)
+
+
+def test_csv_text_that_says_true_stays_text(tmp_path):
+    """Only a label column reads true/false as booleans; a completion "True" is the text "True"."""
+    path = tmp_path / "answers.csv"
+    path.write_text("prompt,completion,label\nIs water wet?,True,true\nIs fire cold?,False,FALSE\n")
+    kind, examples = parse_rows(read_rows(str(path)), "auto")
+    assert kind == "unpaired"
+    assert [(e.completion, e.label) for e in examples] == [("True", True), ("False", False)]

@@ -109,19 +109,23 @@ def read_csv(path: Path) -> list[Row]:
                     f"{where(str(path), reader.line_num)}: more values than the header has columns"
                 )
             rows.append(
-                Row(where(str(path), reader.line_num), {k: parse_csv_cell(v) for k, v in record.items()})
+                Row(where(str(path), reader.line_num), {k: parse_csv_cell(k, v) for k, v in record.items()})
             )
     except csv.Error as exc:
         raise UserError(f"{where(str(path), reader.line_num)}: not valid CSV ({exc})") from None
     return rows
 
 
-def parse_csv_cell(value: str | None) -> Any:
-    """CSV has no types: read true/false as booleans and JSON lists (conversations) as lists."""
+BOOLEAN_COLUMNS = ("label",)
+
+
+def parse_csv_cell(column: str, value: str | None) -> Any:
+    """CSV has no types: true/false in a label column are booleans (elsewhere a completion that says "True"
+    is text), and JSON lists (conversations) are lists."""
     if value is None:
         return None
     lowered = value.strip().lower()
-    if lowered in ("true", "false"):
+    if column in BOOLEAN_COLUMNS and lowered in ("true", "false"):
         return lowered == "true"
     if value.lstrip().startswith("[{"):
         try:
