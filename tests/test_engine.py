@@ -149,6 +149,43 @@ def test_existing_run_dir_is_never_silently_overwritten(tiny_model_dir, kto_file
     assert (run / "final" / "model.safetensors").exists()
 
 
+def test_overwrite_loses_nothing_until_the_new_run_has_a_step(tiny_model_dir, kto_file, tmp_path):
+    """An --overwrite run that fails before its first step puts the old run back; one that succeeds deletes
+    only what prospect wrote and keeps the user's own files; a failed fresh run leaves no directory."""
+    run = tmp_path / "run"
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1}).train()
+    (run / "notes.txt").write_text("why this run matters")
+    before = sorted(p.name for p in run.iterdir())
+    failing = {"train.overwrite": True, "eval.num_prompts": 2, "eval.judge": "reward"}  # no reward source
+    with pytest.raises(
+        UserError, match=r"set exactly one of online\.reward_model and online\.reward_function"
+    ):
+        make_trainer(tiny_model_dir, kto_file, run, **failing).train()
+    assert sorted(p.name for p in run.iterdir()) == before and not list(tmp_path.glob(".run.*"))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(UserError):
+        make_trainer(
+            tiny_model_dir, kto_file, fresh, **{k: v for k, v in failing.items() if k != "train.overwrite"}
+        ).train()
+    assert not fresh.exists()
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 2, "train.overwrite": True}).train()
+    assert (run / "notes.txt").read_text() == "why this run matters"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and not list(tmp_path.glob(".run.*"))
+
+
+def test_output_directory_holding_an_input_is_refused(tiny_model_dir, kto_file, tmp_path):
+    """--overwrite would delete the data it trains on: refused before anything is touched."""
+    run = tmp_path / "run"
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1}).train()
+    data = run / "feedback.jsonl"
+    data.write_bytes(kto_file.read_bytes())
+    with pytest.raises(UserError, match=r"the output directory holds the input data.train=.*feedback.jsonl"):
+        make_trainer(tiny_model_dir, data, run, **{"train.overwrite": True})
+    assert data.exists() and (run / "final").exists()
+    with pytest.raises(UserError, match=r"the output directory is inside the input model.name="):
+        make_trainer(tiny_model_dir, kto_file, tiny_model_dir / "runs" / "x")
+
+
 @pytest.mark.parametrize("lora", [0, 4])
 def test_final_model_loads_in_plain_transformers(tiny_model_dir, kto_file, tmp_path, lora):
     trainer = make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"model.lora_r": lora})

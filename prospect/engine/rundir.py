@@ -1,8 +1,15 @@
-"""The run directory: never overwritten silently, resumable only with the config it was started with."""
+"""The run directory: never overwritten silently, resumable only with the config it was started with.
+
+`--overwrite` loses nothing until the new run has made a step: the old directory is set aside when the new
+one is created (after every input has loaded), deleted once the first step is done, and put back if the
+new run fails before that. Only what prospect wrote is deleted; anything else found in it is moved into the
+new run directory. An output directory that holds an input, or sits inside one, is refused."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +21,25 @@ from prospect.config import Config
 from prospect.errors import UserError
 from prospect.io import write_text_atomic
 
+log = logging.getLogger(__name__)
 MARKER = "prospect-run.json"
+# What prospect writes in a run directory (trainer, online rounds, best-of-N).
+WRITTEN = (
+    MARKER,
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints",
+    "final",
+    "eval_before.json",
+    "eval_after.json",
+    "report.json",
+    "rounds.jsonl",
+    "round-*",
+    "samples.jsonl",
+    "kept.jsonl",
+    "sft",
+    ".final.*",
+)
 # Options that may change when a run is resumed.
 RESUMABLE_CHANGES = {
     ("train", "resume"),
@@ -45,6 +70,8 @@ class RunDir:
             )
         if self.exists and t.resume:
             self.check_same_config()
+        self.check_inputs()
+        self.set_aside: Path | None = None
 
     @property
     def resuming(self) -> bool:
@@ -62,12 +89,63 @@ class RunDir:
                         f"{self.path}: cannot resume with {section}.{key}={value!r}; the run used {old!r}"
                     )
 
+    def check_inputs(self) -> None:
+        """Refuse an output directory that holds an input (it would be deleted) or sits inside one."""
+        c = self.cfg
+        inputs = {
+            "model.name": c.model.name,
+            "data.train": c.data.train,
+            "data.eval": c.data.eval,
+            "train.reference_model": c.train.reference_model,
+            "online.reward_model": c.online.reward_model,
+            "loop.constitution": c.loop.constitution,
+        }
+        out = self.path.resolve()
+        for option, value in inputs.items():
+            if not value or not Path(value).expanduser().exists():
+                continue
+            used = Path(value).expanduser().resolve()
+            if used == out or out in used.parents or used in out.parents:
+                relation = "is inside" if used in out.parents else "holds"
+                raise UserError(
+                    f"{self.path}: the output directory {relation} the input {option}={value}; "
+                    "choose another train.output_dir"
+                )
+
     def create(self) -> None:
-        """Called by the main process once data and model have loaded, so bad input never touches a run."""
+        """Called by the main process once every input has loaded, so bad input never touches a run. An
+        existing run being overwritten is set aside, not deleted (see `settle` and `abandon`)."""
         if self.resuming:
             return
         if self.exists:
-            shutil.rmtree(self.path)
+            self.set_aside = self.path.with_name(f".{self.path.name}.replaced")
+            shutil.rmtree(self.set_aside, ignore_errors=True)
+            os.rename(self.path, self.set_aside)
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         write_text_atomic(self.path / MARKER, json.dumps({"prospect": __version__, "created": time.time()}))
+
+    def settle(self) -> None:
+        """The new run has made progress: delete what prospect wrote in the run it replaced, and move anything
+        else the user kept there into the new directory."""
+        old, self.set_aside = self.set_aside, None
+        if old is None or not old.is_dir():
+            return
+        for entry in sorted(old.iterdir()):
+            if any(entry.match(pattern) for pattern in WRITTEN):
+                continue
+            target = self.path / entry.name
+            if target.exists():
+                log.warning("%s: kept as it is; %s already exists", entry, target)
+                return
+            os.rename(entry, target)
+        shutil.rmtree(old)
+
+    def abandon(self) -> None:
+        """The new run failed before its first step: remove it, and put back the run it was replacing."""
+        if self.resuming:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.set_aside is not None and self.set_aside.is_dir():
+            os.rename(self.set_aside, self.path)
+        self.set_aside = None

@@ -51,7 +51,7 @@ from prospect.errors import UserError
 from prospect.io import write_text_atomic
 from prospect.losses import get_loss
 from prospect.models.attention import attention_cost, uses_segments
-from prospect.models.loading import load_model
+from prospect.models.loading import load_model, prepare_for_training, with_lora
 from prospect.models.precision import cpu_only, use_bf16, warn_of_bf16_ties
 from prospect.models.reference import (
     AdapterReference,
@@ -124,9 +124,6 @@ class Trainer:
             )
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
 
-        if self.accelerator.is_main_process:
-            self.run.create()
-        self.accelerator.wait_for_everyone()
         self.model, self.peft_model = self.build_policy(model)
         self.scorer = self.build_scorer()
         trainable = [p for p in self.scorer.parameters() if p.requires_grad]
@@ -182,6 +179,9 @@ class Trainer:
         )
         self.step = 0
         self.skips = self.skips_in_a_row = 0  # updates skipped for a non-finite loss or gradient
+        if self.accelerator.is_main_process:  # every input has loaded: only now is a run directory made
+            self.run.create()
+        self.accelerator.wait_for_everyone()
 
     # ----- set-up -------------------------------------------------------------------------------
     def check_options(self) -> None:
@@ -195,12 +195,7 @@ class Trainer:
     def build_policy(self, model: PreTrainedModel) -> tuple[torch.nn.Module, Any]:
         """(the trained model, its PEFT wrapper or None); keeps a frozen copy for the reference first."""
         m = self.cfg.model
-        if self.cfg.train.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        prepare_for_training(model, self.cfg.train.disable_dropout, m.gradient_checkpointing)
         self.reference_mode = resolve_reference_mode(self.cfg.train.reference, m.lora_r > 0)
         samples = self.cfg.eval.num_prompts > 0 and self.head.samples_for_evaluation  # held-out KL
         self.initial_model = None
@@ -210,17 +205,7 @@ class Trainer:
             self.initial_model = frozen_copy(other)
         if m.lora_r <= 0:
             return model, None
-        from peft import LoraConfig, get_peft_model
-
-        targets = m.lora_target_modules
-        lora = LoraConfig(
-            r=m.lora_r,
-            lora_alpha=m.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r takes a float
-            lora_dropout=m.lora_dropout,
-            task_type=self.head.lora_task_type,
-            target_modules=targets if targets == "all-linear" else [s.strip() for s in targets.split(",")],
-        )
-        peft_model = get_peft_model(model, lora)
+        peft_model = with_lora(model, m, self.head.lora_task_type)
         return peft_model, peft_model
 
     def build_scorer(self) -> torch.nn.Module:
@@ -274,22 +259,15 @@ class Trainer:
     def precompute_reference(self) -> None:
         """Fill the on-disk cache with every reference log-prob the rest of the run needs; serve from it."""
         by_layout = self.bf16 and self.cfg.train.padding_free  # a packed row's rounding depends on its layout
-        packing = None
-        if by_layout:
-            packing = "shared" if self.prompt_sharing_cost is not None else "packed"
+        packing = ("shared" if self.prompt_sharing_cost is not None else "packed") if by_layout else None
         model = self.initial_model if self.initial_model is not None else self.peft_model
-        d = self.cfg.data
-        fingerprint = reference_fingerprint(
+        d, pad_id = self.cfg.data, self.tokenizer.pad_token_id
+        key = reference_fingerprint(
             model, self.tokenizer, d.max_length, d.max_prompt_length, self.bf16, packing
         )
-        cache = ReferenceCache(fingerprint, by_layout=by_layout)
-        self.cache = self.plan.precompute(
-            cache,
-            self.reference_logps,
-            self.accelerator,
-            self.step,
-            self.total_steps,
-            self.tokenizer.pad_token_id,
+        cache, plan = ReferenceCache(key, by_layout=by_layout), self.plan
+        self.cache = plan.precompute(
+            cache, self.reference_logps, self.accelerator, self.step, self.total_steps, pad_id
         )
         self.reference = self.cache.lookup
 
@@ -301,6 +279,16 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------------
     def train(self) -> Path:
+        """Train, evaluate and save; a run that fails before its first step leaves no directory behind (and
+        puts back the run it was overwriting)."""
+        try:
+            return self.train_and_evaluate()
+        except BaseException:
+            if self.step == 0 and self.accelerator.is_main_process:
+                self.run.abandon()
+            raise
+
+    def train_and_evaluate(self) -> Path:
         t, started = self.cfg.train, time.perf_counter()
         is_main = self.accelerator.is_main_process
         if self.run.resuming:
@@ -316,24 +304,7 @@ class Trainer:
             self.precompute_reference()
             self.release_reference_copy()
         if is_main:
-            t, mode = (
-                self.cfg.train,
-                f"LoRA r={self.cfg.model.lora_r}" if self.peft_model else "full fine-tuning",
-            )
-            reference = (
-                self.reference_mode + (" (cached)" if self.cache else "")
-                if self.spec.needs_reference
-                else "none"
-            )
-            strategy = self.accelerator.distributed_type
-            print(
-                f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} "
-                f"steps of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc"
-                f"{'' if strategy == DistributedType.NO else f' {strategy.value}'}), {mode}, reference={reference}, "
-                f"precision={'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
-                f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}",
-                flush=True,
-            )
+            print(self.banner(), flush=True)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -347,6 +318,8 @@ class Trainer:
             ckpt.fault("step", self.step + 1)
             metrics = self.train_step()
             self.step += 1
+            if is_main and self.run.set_aside:  # the overwritten run goes once the new one has a step
+                self.run.settle()
             self.maybe_refresh_reference()
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - step_started)
             if is_main:
@@ -506,6 +479,20 @@ class Trainer:
                 raise ValueError("train.reference_refresh_every: there is no reference copy to refresh")
             policy = self.accelerator.unwrap_model(self.policy).model
             refresh_copy(self.initial_model, policy, self.cfg.train.reference_refresh_alpha)
+
+    def banner(self) -> str:
+        t, kind = self.cfg.train, self.accelerator.distributed_type
+        mode = f"LoRA r={self.cfg.model.lora_r}" if self.peft_model else "full fine-tuning"
+        reference = (
+            self.reference_mode + (" (cached)" if self.cache else "") if self.spec.needs_reference else "none"
+        )
+        return (
+            f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} steps "
+            f"of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc"
+            f"{'' if kind == DistributedType.NO else f' {kind.value}'}), {mode}, reference={reference}, precision="
+            f"{'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
+            f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}"
+        )
 
     # ----- around the loop ----------------------------------------------------------------------
     def evaluate(self, when: str) -> Any:

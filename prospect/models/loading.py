@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -50,6 +51,31 @@ def load_model(
             ) from None
         raise UserError(f"model '{cfg.name}': could not load it ({first_line(exc)})") from None
     return model, tokenizer
+
+
+def prepare_for_training(model: PreTrainedModel, disable_dropout: bool, gradient_checkpointing: bool) -> None:
+    """Dropout off (so policy and reference log-probs compare), activation recomputation on if asked."""
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def with_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str) -> nn.Module:
+    """The model wrapped with LoRA adapters (peft) as `model.lora_*` says; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r takes a float
+        lora_dropout=cfg.lora_dropout,
+        task_type=task_type,
+        target_modules=targets if targets == "all-linear" else [s.strip() for s in targets.split(",")],
+    )
+    return get_peft_model(model, lora)
 
 
 def local_source(cfg: ModelConfig) -> str:

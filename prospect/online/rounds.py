@@ -289,6 +289,7 @@ def run_loop(config: Config) -> Path:
     state = PartialState()
     if state.is_main_process:
         run.create()
+        run.settle()  # inputs are checked; a loop keeps its state on disk from here on
     state.wait_for_everyone()
     base = policy = config.model.name
     history = read_jsonl(run.path / "rounds.jsonl") if (run.path / "rounds.jsonl").is_file() else []
