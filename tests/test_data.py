@@ -245,3 +245,12 @@ def test_csv_text_that_says_true_stays_text(tmp_path):
     kind, examples = parse_rows(read_rows(str(path)), "auto")
     assert kind == "unpaired"
     assert [(e.completion, e.label) for e in examples] == [("True", True), ("False", False)]
+
+
+def test_an_enormous_row_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text(
+        '{"prompt": "p", "completion": "c", "label": true}\n' + '{"prompt": "' + "x" * (17 * 2**20) + '"}\n'
+    )
+    with pytest.raises(UserError, match=r"big.jsonl:2: a row of 17 MB; expected at most 16 MB per row$"):
+        read_rows(str(path))

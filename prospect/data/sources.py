@@ -63,12 +63,12 @@ def read_jsonl(path: Path) -> list[Row]:
                 raise UserError(f"{where(str(path), number)}: expected UTF-8 text") from None
             if not text.strip():
                 continue
-            try:
-                value = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
+            if len(raw) > MAX_ROW_BYTES:
                 raise UserError(
-                    f"{where(str(path), number)}: not valid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
+                    f"{where(str(path), number)}: a row of {len(raw) / 2**20:.0f} MB; expected at most "
+                    f"{MAX_ROW_BYTES // 2**20} MB per row"
+                )
+            value = parse_json(text.rstrip("\r\n"), where(str(path), number))
             if not isinstance(value, dict):
                 raise UserError(
                     f"{where(str(path), number)}: expected a JSON object, got {type(value).__name__}"
@@ -77,14 +77,34 @@ def read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
-def read_json(path: Path) -> list[Row]:
-    text = decode(path)
+MAX_ROW_BYTES = 16 * 2**20  # one JSON Lines row; a longer one is a mistake, not an example
+
+
+def parse_json(text: str, location: str, whole_file: bool = False) -> Any:
+    """json.loads with a one-line error naming the place for everything the parser or the text can throw:
+    bad syntax, integers past Python's 4,300-digit limit, nesting deeper than the stack, lone surrogates."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
+        place = f"{location}:{exc.lineno}" if whole_file else location
+        raise UserError(f"{place}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # an integer too long to convert
+        raise UserError(f"{location}: not usable JSON ({str(exc).split(';')[0]})") from None
+    except RecursionError:
+        raise UserError(f"{location}: not usable JSON (nested too deeply)") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
         raise UserError(
-            f"{where(str(path), exc.lineno)}: not valid JSON ({exc.msg} at column {exc.colno})"
+            f"{location}: text with a lone surrogate ({exc.object[exc.start : exc.end]!a}), not valid Unicode"
         ) from None
+    except RecursionError:
+        raise UserError(f"{location}: not usable JSON (nested too deeply)") from None
+    return value
+
+
+def read_json(path: Path) -> list[Row]:
+    value = parse_json(decode(path), str(path), whole_file=True)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
