@@ -318,8 +318,14 @@ class LoopConfig:
         None, "HTTP judge: base URL of the OpenAI-compatible API (e.g. https://host/v1)."
     )
     judge_model: str | None = opt(None, "HTTP judge: the model name to ask for.")
-    judge_key_env: str = opt(
-        "OPENAI_API_KEY", "HTTP judge: environment variable holding the API key (never logged)."
+    judge_allow_http: bool = opt(
+        False,
+        "HTTP judge: allow a plain http:// URL to another machine (the API key then travels unencrypted).",
+    )
+    judge_key_env: str | None = opt(
+        None,
+        "HTTP judge: the environment variable holding the API key, named explicitly (e.g. OPENAI_API_KEY); "
+        "its value is sent only to loop.judge_url's origin and never logged.",
     )
     constitution: str | None = opt(None, "Constitutional AI: a text file of principles, one per line.")
 

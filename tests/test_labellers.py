@@ -191,3 +191,78 @@ def test_http_judge_against_a_stub(stub_server, monkeypatch, caplog):
     monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(UserError, match="JUDGE_KEY is not set"):
         labeller.compare(["weather?"], [("sunny", "rainy")])
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """Answers each POST with the next scripted reply: (status, headers, body)."""
+
+    script: ClassVar[list] = []
+    seen: ClassVar[list] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        Scripted.seen.append((self.server.server_address[1], self.headers.get("Authorization")))
+        status, headers, body = Scripted.script.pop(0) if Scripted.script else (200, {}, VERDICT_A)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+VERDICT_A = json.dumps({"choices": [{"message": {"content": "Verdict: A"}}]}).encode()
+
+
+@pytest.fixture
+def scripted():
+    servers = [HTTPServer(("127.0.0.1", 0), Scripted) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    Scripted.script.clear()
+    Scripted.seen.clear()
+    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    for server in servers:
+        server.shutdown()
+
+
+def test_http_judge_retries_then_labels_the_item_failed(scripted, monkeypatch):
+    """A busy server is asked again; one that keeps failing, or replies with bytes that are not a reply,
+    costs the item, not the run."""
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
+    judge = HTTPJudge(scripted[0] + "/v1", "m", "JUDGE_KEY", retries=2, backoff=0.01)
+    Scripted.script[:] = [(503, {}, b""), (429, {"Retry-After": "0"}, b"")]
+    assert judge([[{"role": "user", "content": "x"}]]) == ["Verdict: A"]  # third try answers
+    Scripted.script[:] = [(500, {}, b"")] * 3
+    assert judge([[{"role": "user", "content": "x"}]]) == [""] and judge.failed == 1
+    Scripted.script[:] = [
+        (200, {}, b"\xff\xfe not utf-8"),
+        (200, {}, b'{"choices": [{"message": {"content": 7}}]}'),
+    ]
+    assert judge([[{"role": "user", "content": "x"}]] * 2) == ["", ""]
+    unreachable = HTTPJudge("http://127.0.0.1:9/v1", "m", "JUDGE_KEY", timeout=1, retries=1, backoff=0.01)
+    assert unreachable([[{"role": "user", "content": "x"}]]) == [""] and unreachable.failed == 1
+
+
+def test_http_judge_never_sends_the_key_to_another_origin(scripted, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
+    first, second = scripted
+    Scripted.script[:] = [(307, {"Location": second + "/v1/chat/completions"}, b"")]
+    judge = HTTPJudge(first + "/v1", "m", "JUDGE_KEY", retries=0)
+    with pytest.raises(UserError, match=r"redirected to .*another origin; not followed") as error:
+        judge([[{"role": "user", "content": "x"}]])
+    assert "sk-test-secret" not in str(error.value)
+    assert [port for port, _ in Scripted.seen] == [
+        int(first.rsplit(":", 1)[1])
+    ]  # the other server saw nothing
+
+
+def test_http_judge_refuses_plain_http_to_another_machine():
+    with pytest.raises(UserError, match="plain http would send the API key unencrypted"):
+        HTTPJudge("http://judge.example.org/v1", "m")
+    HTTPJudge("http://judge.example.org/v1", "m", allow_http=True)  # the user's explicit choice
+    HTTPJudge("http://localhost:8000/v1", "m")  # this machine
+    with pytest.raises(UserError, match="expected an http"):
+        HTTPJudge("ftp://judge.example.org/v1", "m")

@@ -13,12 +13,16 @@ counted, reported, and the comparison is skipped.
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import os
 import random
 import re
 import statistics
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +34,8 @@ from prospect.errors import UserError
 
 if TYPE_CHECKING:  # labelling and the HTTP judge need neither torch nor transformers
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -257,9 +263,33 @@ class LocalJudge:
         return [self.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in out]
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+RETRIED = (429, 500, 502, 503, 504)  # a busy or failing server: wait and ask again
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the endpoint's own origin: the API key must never reach another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if origin(newurl) != origin(req.full_url):
+            raise UserError(
+                f"HTTP judge {req.full_url}: redirected to {origin(newurl)}, another origin; not followed, so "
+                "the API key is not sent there (set loop.judge_url to the final address)"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
+
+
 class HTTPJudge:
     """An OpenAI-compatible chat-completions endpoint. The key is read from an environment variable and
-    never printed, logged or put into error messages."""
+    never printed, logged, put into error messages or sent to another origin; plain http is refused except
+    to this machine unless `allow_http`. A busy, failing or unreachable server is asked again with growing
+    waits (`retries` times); then the item is labelled failed (an empty reply, counted as malformed) and the
+    loop goes on. A refused key or a wrong address stops the run with a one-line error."""
 
     def __init__(
         self,
@@ -268,9 +298,23 @@ class HTTPJudge:
         key_env: str = "OPENAI_API_KEY",
         timeout: float = 60.0,
         max_tokens: int = 256,
+        retries: int = 3,
+        backoff: float = 1.0,
+        allow_http: bool = False,
     ):
+        scheme, host, _ = origin(base_url)
+        if scheme not in ("http", "https") or not host:
+            raise UserError(f"loop.judge_url={base_url!r}: expected an http(s) URL such as https://host/v1")
+        if scheme == "http" and host not in LOOPBACK and not allow_http:
+            raise UserError(
+                f"loop.judge_url={base_url}: plain http would send the API key unencrypted; use https, or set "
+                "loop.judge_allow_http=true for a server you trust on your own network"
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.key_env, self.timeout, self.max_tokens = model, key_env, timeout, max_tokens
+        self.retries, self.backoff = retries, backoff
+        self.opener = urllib.request.build_opener(SameOriginRedirects)
+        self.failed = 0  # items given up on after the retries
 
     def __repr__(self) -> str:
         return f"HTTPJudge({self.url!r}, model={self.model!r}, key from ${self.key_env})"
@@ -293,15 +337,43 @@ class HTTPJudge:
             method="POST",
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                reply = json.loads(response.read().decode())
-            return reply["choices"][0]["message"]["content"] or ""
-        except urllib.error.HTTPError as exc:
-            raise UserError(f"HTTP judge {self.url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, TimeoutError) as exc:
-            raise UserError(
-                f"HTTP judge {self.url}: cannot reach it ({getattr(exc, 'reason', exc)})"
-            ) from None
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError):
-            return ""  # a malformed reply counts as a malformed verdict, not a crash
+        for attempt in range(self.retries + 1):
+            wait = self.backoff * 2**attempt
+            try:
+                with self.opener.open(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                return reply_text(raw)
+            except urllib.error.HTTPError as exc:
+                if exc.code not in RETRIED:
+                    raise UserError(f"HTTP judge {self.url}: HTTP {exc.code} {exc.reason}") from None
+                wait = max(wait, retry_after(exc.headers.get("Retry-After")))
+                problem = f"HTTP {exc.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+                problem = str(getattr(exc, "reason", exc)) or type(exc).__name__
+            if attempt < self.retries:
+                log.warning("HTTP judge %s: %s; asking again in %.1f s", self.url, problem, wait)
+                time.sleep(min(wait, 60.0))
+        log.warning(
+            "HTTP judge %s: %s after %d tries; the item is labelled failed",
+            self.url,
+            problem,
+            self.retries + 1,
+        )
+        self.failed += 1
+        return ""
+
+
+def reply_text(raw: bytes) -> str:
+    """The message of a chat-completions reply; "" (a malformed verdict, not a crash) for anything else."""
+    try:
+        content = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError):
+        return ""
+    return content if isinstance(content, str) else ""
+
+
+def retry_after(value: str | None) -> float:
+    try:
+        return min(float(value), 60.0) if value else 0.0
+    except ValueError:
+        return 0.0

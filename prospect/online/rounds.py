@@ -176,9 +176,14 @@ def make_judge(session: SamplingSession) -> JudgeLabeller:
     if loop.judge == "self":
         complete = LocalJudge(session.model, session.tokenizer, bf16=session.bf16)
     elif loop.judge == "http":
-        if not (loop.judge_url and loop.judge_model):
-            raise UserError("loop.judge=http needs loop.judge_url and loop.judge_model")
-        complete = HTTPJudge(loop.judge_url, loop.judge_model, loop.judge_key_env)
+        if not (loop.judge_url and loop.judge_model and loop.judge_key_env):
+            raise UserError(
+                "loop.judge=http needs loop.judge_url, loop.judge_model and loop.judge_key_env (the name of the "
+                "environment variable that holds the API key)"
+            )
+        complete = HTTPJudge(
+            loop.judge_url, loop.judge_model, loop.judge_key_env, allow_http=loop.judge_allow_http
+        )
     else:
         model, tokenizer = load_model(ModelConfig(name=loop.judge))
         # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), typed as the unbound method.
