@@ -258,3 +258,17 @@ def test_training_steps_run_in_train_mode_with_checkpointing_after_an_evaluation
     model.model.register_forward_pre_hook(record)
     trainer.train()
     assert seen and all(training and checkpointing for training, checkpointing in seen)
+
+
+def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tiny_model_dir, kto_file, tmp_path):
+    trainer = make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"train.max_steps": 1})
+    trainer.train()
+    with torch.no_grad():
+        next(p for p in trainer.policy.parameters() if p.requires_grad).view(-1)[0] = float("inf")
+    with pytest.raises(
+        UserError,
+        match=r"step 2: the weights are no longer finite; not saved \(the last "
+        r"checkpoint, step-000001, holds finite ones\)",
+    ):
+        trainer.checkpointer.save(2, 2)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000001"]

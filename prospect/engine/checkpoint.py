@@ -263,7 +263,21 @@ class Checkpointer:
         return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
 
     def save(self, step: int, total_steps: int) -> Path | None:
+        """Write a checkpoint of this step, but never of weights that are no longer finite: the newest
+        checkpoint then stays the last good one, as the error says."""
         acc = self.acc
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        finite = (
+            torch.stack([torch.isfinite(p).all() for p in trainable]).all().float() if trainable else None
+        )
+        if finite is not None and float(acc.reduce(finite, "min")) < 1:
+            found = complete_checkpoints(self.root)
+            last = (
+                f"the last checkpoint, {found[-1][1].name}, holds finite ones"
+                if found
+                else "no checkpoint yet"
+            )
+            raise UserError(f"step {step}: the weights are no longer finite; not saved ({last})")
         tmp = self.root / f".{step_dir_name(step)}.tmp"
         if acc.is_main_process:
             tmp = temporary_dir(self.root, step)
