@@ -3,14 +3,24 @@ before anything loads, each with a one-line error that says what to change."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from prospect.config import Config, ModelConfig
 from prospect.engine.heads import HEADS
 from prospect.errors import UserError
 from prospect.losses.base import LossSpec
+from prospect.options import suggest
 
 
 def check_run_options(config: Config, spec: LossSpec) -> None:
-    t, m = config.train, config.model
+    t, m, d = config.train, config.model, config.data
+    if d.rating_min is not None and d.rating_max is not None and d.rating_min > d.rating_max:
+        raise UserError(f"data.rating_min={d.rating_min} is above data.rating_max={d.rating_max}")
+    if d.desirable_above < d.undesirable_below:
+        raise UserError(
+            f"data.desirable_above={d.desirable_above} is below data.undesirable_below={d.undesirable_below}: "
+            "a rating between them would be both desirable and undesirable"
+        )
     point = spec.reference_point
     if point is not None and t.batch_size < point.min_batch_size:
         raise UserError(
@@ -41,3 +51,21 @@ def check_sharding(sharded: bool, model: ModelConfig) -> None:
             "model.lora_r: LoRA under FSDP or DeepSpeed is not supported; launch LoRA runs with "
             "configs/accelerate/ddp.yaml (the adapter is small enough to replicate)"
         )
+
+
+def check_trackers(report_to: str) -> list[str] | None:
+    """`train.report_to` as accelerate's tracker names, each known and installed; None for none."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(
+                f"train.report_to={report_to}: unknown tracker '{name}'{suggest(name, LOGGER_TYPE_TO_CLASS)}; "
+                f"expected none or {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
+            )
+        if importlib.util.find_spec(name) is None:  # each tracker's package has the tracker's name
+            raise UserError(
+                f"train.report_to={report_to}: tracker '{name}' is not installed (pip install {name})"
+            )
+    return names or None

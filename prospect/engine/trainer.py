@@ -42,7 +42,7 @@ from prospect.data.pipeline import count, encode_all, read_training
 from prospect.data.shapes import make_batch
 from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
-from prospect.engine.checks import check_run_options, check_sharding
+from prospect.engine.checks import check_run_options, check_sharding, check_trackers
 from prospect.engine.heads import HEADS, RunContext
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
@@ -189,8 +189,7 @@ class Trainer:
         check_run_options(self.cfg, self.spec)
 
     def trackers(self) -> list[str] | None:
-        names = [n.strip() for n in self.cfg.train.report_to.split(",") if n.strip() and n.strip() != "none"]
-        return names or None
+        return check_trackers(self.cfg.train.report_to)
 
     def build_policy(self, model: PreTrainedModel) -> tuple[torch.nn.Module, Any]:
         """(the trained model, its PEFT wrapper or None); keeps a frozen copy for the reference first."""

@@ -75,7 +75,12 @@ def with_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str) -> nn.Mo
         task_type=task_type,
         target_modules=targets if targets == "all-linear" else [s.strip() for s in targets.split(",")],
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        raise UserError(
+            f"model.lora_target_modules={targets}: {first_line(exc)} (names such as q_proj,v_proj, or all-linear)"
+        ) from None
 
 
 def local_source(cfg: ModelConfig) -> str:
