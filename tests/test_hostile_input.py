@@ -4,6 +4,8 @@ line or row, field and expectation; exit code 2; no traceback; no run directory 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,23 @@ def test_raw_bytes_give_a_clean_result_or_a_clean_error(data, tmp_path):
 def test_well_formed_rows_still_load(tmp_path):
     path = write_jsonl(tmp_path / "ok.jsonl", unpaired_rows(4))
     assert len(read_training(DataConfig(train=str(path)), "unpaired", seed=0)) == 4
+
+
+def test_a_hub_name_with_no_hub_fails_at_once(tiny_model_dir, kto_file, tmp_path, capsys, monkeypatch):
+    """No minute of retries and forty warning lines: one line, in seconds (the endpoint is a closed local port)."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    started = time.perf_counter()
+    argv = [
+        "train",
+        *tiny_overrides(tiny_model_dir, kto_file, tmp_path / "run"),
+        "model.name=someone/no-model",
+    ]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and time.perf_counter() - started < 15
+    assert re.fullmatch(
+        r"error: model 'someone/no-model': not a local path and not in the hub cache, and "
+        r"(http://127\.0\.0\.1:9 cannot be reached \(.*\)|HF_HUB_OFFLINE is set); pass a local directory or "
+        r"\.gguf file, or download the model where the hub is reachable\n",
+        err,
+    ), err
+    assert not (tmp_path / "run").exists()

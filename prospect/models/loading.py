@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -142,7 +145,32 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
         raise UserError(
             f"model '{cfg.name}': directory has no config.json; expected a transformers checkpoint"
         )
+    if not path.exists():
+        check_hub_reachable(cfg.name, cfg.revision)
     return cfg.name, None
+
+
+def check_hub_reachable(name: str, revision: str | None) -> None:
+    """A hub name that is neither cached nor reachable fails at once, not after a minute of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        parts = urllib.parse.urlsplit(endpoint)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname or "", port), timeout=5).close()
+            return
+        except OSError as exc:
+            reason = f"{endpoint} cannot be reached ({exc.strerror or exc})"
+    raise UserError(
+        f"model '{name}': not a local path and not in the hub cache, and {reason}; pass a local directory "
+        "or .gguf file, or download the model where the hub is reachable"
+    )
 
 
 def convert_gguf(source: str, gguf_file: str) -> str:
