@@ -44,7 +44,7 @@ def run_cli(argv, capsys):
 
 
 def test_corpus_is_large():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 150
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -57,12 +57,21 @@ def test_bad_input(name, tiny_model_dir, pickled_model, tmp_path, capsys):
         overrides = [o.replace("{pickle}", str(pickled_model)) for o in case["overrides"]]
         command = case.get("command", "train")
         argv = [command, *tiny_overrides(tiny_model_dir, CORPUS / case["data"], out), *overrides]
+    watched = (CORPUS, tiny_model_dir, pickled_model, tmp_path)
+    before = files_state(watched)
     code, err = run_cli(argv, capsys)
     expected = case["error"].replace("{dir}", str(CORPUS)).replace("{pickle}", str(pickled_model))
     assert code == 2
     assert err == expected + "\n"
     assert "Traceback" not in err
     assert not out.exists()
+    assert files_state(watched) == before  # no input, and nothing else, was touched
+
+
+def files_state(roots) -> dict:
+    return {
+        p: (p.stat().st_size, p.stat().st_mtime_ns) for r in roots for p in Path(r).rglob("*") if p.is_file()
+    }
 
 
 def test_bad_input_never_touches_an_existing_run(tiny_model_dir, kto_file, tmp_path, capsys):
