@@ -223,29 +223,30 @@ def reward_nan(prompt, completion: str) -> float:
     return math.nan
 
 
+def nan_reward_trainer(tiny_model_dir, data, out, **train):
+    """PPO whose reward is NaN, so every update (2 epochs x 2 minibatches per step) is non-finite."""
+    options = {
+        "loss.name": "ppo",
+        "loss.critic": "shared",
+        "loss.ppo_epochs": 2,
+        "loss.minibatches": 2,
+        "online.reward_function": "tests.test_ppo:reward_nan",
+        "online.max_new_tokens": 4,
+        "train.max_steps": 2,
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+    return make_trainer(load_config(None, tiny_overrides(tiny_model_dir, data, out, **options)))
+
+
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
 def test_ppo_nonfinite_update_is_stopped_or_skipped(on_nonfinite, tiny_model_dir, kto_file, tmp_path):
     """A NaN reward makes every PPO update non-finite: `stop` ends the run with the examples named, `skip`
     leaves the weights untouched and counts the skipped updates (the engine's one optimizer step)."""
     out = tmp_path / on_nonfinite
-    overrides = tiny_overrides(
-        tiny_model_dir,
-        kto_file,
-        out,
-        **{
-            "loss.name": "ppo",
-            "loss.critic": "shared",
-            "loss.ppo_epochs": 2,
-            "loss.minibatches": 2,
-            "online.reward_function": "tests.test_ppo:reward_nan",
-            "online.max_new_tokens": 4,
-            "train.max_steps": 2,
-            "train.on_nonfinite": on_nonfinite,
-            "train.max_skips_in_a_row": 0,  # no cap here; the cap has its own test
-            "train.max_skips": 0,
-        },
+    # no cap on skips here; the cap has its own test
+    trainer = nan_reward_trainer(
+        tiny_model_dir, kto_file, out, on_nonfinite=on_nonfinite, max_skips_in_a_row=0, max_skips=0
     )
-    trainer = make_trainer(load_config(None, overrides))
     initial = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     if on_nonfinite == "stop":
         with pytest.raises(UserError, match=r"step 1: non-finite loss \(nan\).*examples: .*feedback.jsonl"):
@@ -263,24 +264,14 @@ def test_ppo_nonfinite_update_is_stopped_or_skipped(on_nonfinite, tiny_model_dir
 )
 def test_skipping_stops_at_its_cap(in_a_row, total, name, tiny_model_dir, kto_file, tmp_path):
     """`skip` is not a way to finish a run on garbage: past the cap of skipped updates the run stops."""
-    overrides = tiny_overrides(
+    trainer = nan_reward_trainer(
         tiny_model_dir,
         kto_file,
         tmp_path / "run",
-        **{
-            "loss.name": "ppo",
-            "loss.critic": "shared",
-            "loss.ppo_epochs": 2,
-            "loss.minibatches": 2,
-            "online.reward_function": "tests.test_ppo:reward_nan",
-            "online.max_new_tokens": 4,
-            "train.max_steps": 2,
-            "train.on_nonfinite": "skip",
-            "train.max_skips_in_a_row": in_a_row,
-            "train.max_skips": total,
-        },
+        on_nonfinite="skip",
+        max_skips_in_a_row=in_a_row,
+        max_skips=total,
     )
-    trainer = make_trainer(load_config(None, overrides))
     skipped = (in_a_row or total) + 1
     with pytest.raises(UserError, match=rf"{skipped} updates skipped, more than train.{name}"):
         trainer.train()
