@@ -272,3 +272,21 @@ def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tiny_model
     ):
         trainer.checkpointer.save(2, 2)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_overwrite_killed_before_its_first_step_keeps_the_last_complete_run(
+    tiny_model_dir, kto_file, tmp_path
+):
+    """A SIGKILL between setting the old run aside and the first step: the next --overwrite keeps the old run
+    set aside (it is the last complete one) until a new run has a step."""
+    run = tmp_path / "run"
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1}).train()
+    killed = make_trainer(
+        tiny_model_dir, kto_file, run, **{"train.overwrite": True}
+    )  # sets the old run aside
+    aside = tmp_path / ".run.replaced"
+    assert (aside / "final").is_dir() and killed.run.set_aside == aside  # ... and the process dies here
+    again = make_trainer(tiny_model_dir, kto_file, run, **{"train.overwrite": True, "train.max_steps": 1})
+    assert (aside / "final").is_dir()
+    again.train()
+    assert not aside.exists() and (run / "final").is_dir()

@@ -71,7 +71,11 @@ class RunDir:
         if self.exists and t.resume:
             self.check_same_config()
         self.check_inputs()
-        self.set_aside: Path | None = None
+        # A run set aside by an --overwrite whose new run never finished a step (killed before it could be
+        # put back): it is the last complete run, so it stays until a new run has a step.
+        self.set_aside: Path | None = self.path.with_name(f".{self.path.name}.replaced")
+        if not self.set_aside.is_dir():
+            self.set_aside = None
 
     @property
     def resuming(self) -> bool:
@@ -117,9 +121,10 @@ class RunDir:
         existing run being overwritten is set aside, not deleted (see `settle` and `abandon`)."""
         if self.resuming:
             return
-        if self.exists:
+        if self.exists and self.set_aside is not None:  # the current directory never finished a step
+            shutil.rmtree(self.path)
+        elif self.exists:
             self.set_aside = self.path.with_name(f".{self.path.name}.replaced")
-            shutil.rmtree(self.set_aside, ignore_errors=True)
             os.rename(self.path, self.set_aside)
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
