@@ -355,6 +355,10 @@ class Config:
     def loss_name(self) -> str:
         return str(self.loss["name"])
 
+    def flat(self) -> dict[str, Any]:
+        """{"section.option": value}, as trackers take a run's config."""
+        return {f"{s}.{k}": v for s, values in self.to_dict().items() for k, v in values.items()}
+
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["loss"] = dict(self.loss)

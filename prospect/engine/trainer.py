@@ -1,15 +1,8 @@
-"""The one training loop. A loss declares what it needs; this loop computes it, normalises it over the
-whole optimizer step, and runs it on every device accelerate gives it.
-
-    trainer = Trainer(load_config("recipes/kto_smollm2_vader.yaml"))
-    trainer.train()
-
-Read top to bottom: set-up (`__init__`), then `train` (resume, evaluate before, precompute the reference,
-the step loop, save, evaluate after), then one step: `train_step` -> `accumulate_gradients` ->
-`microbatch_loss` -> `optimizer_step`. The collaborators each own one concern and are handed what they need:
-the head (what the model computes, `heads.py`), the reference plan and cache (`reference_plan.py`), the
-checkpointer (`checkpoint.py`) and the held-out evaluation (`evaluation/`).
-"""
+"""The one training loop: a loss declares what it needs; this loop computes it, normalises it over the whole
+optimizer step, and runs it on every device accelerate gives it. Read top to bottom: set-up, `train`, then one
+step (`train_step` -> `accumulate_gradients` -> `microbatch_loss` -> `optimizer_step`). Collaborators own the
+rest: the head (`heads.py`), the reference plan (`reference_plan.py`), the checkpointer (`checkpoint.py`), the
+held-out evaluation (`evaluation/`)."""
 
 from __future__ import annotations
 
@@ -296,7 +289,7 @@ class Trainer:
             self.run_dir / "metrics.jsonl", resume_step=self.step if self.run.resuming else None
         )
         if self.trackers():
-            self.accelerator.init_trackers(self.run_dir.name, config=flatten(self.cfg.to_dict()))
+            self.accelerator.init_trackers(self.run_dir.name, config=self.cfg.flat())
         evaluating = self.cfg.eval.num_prompts > 0
         before = self.evaluate("before") if evaluating and self.cfg.eval.before else None
         if t.reference_cache:
@@ -510,7 +503,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def flatten(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, values in config.items() for k, v in values.items()}
