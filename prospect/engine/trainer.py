@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -21,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
@@ -90,7 +88,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(t.seed)
+        set_seed(t.seed)  # python, numpy and torch
         self.device = self.accelerator.device
         self.bf16 = use_bf16(t.precision, self.device)
         model, self.tokenizer = self.head.load(config.model)
@@ -497,9 +495,3 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_text_atomic(path, json.dumps(result.__dict__, indent=1))
         return result
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
