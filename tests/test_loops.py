@@ -1,10 +1,12 @@
-"""Online loops on the tiny model: two rounds end to end, and a resume from a killed round."""
+"""Online loops on the tiny model: two rounds end to end, a resume from a killed round, and failures that
+keep (or put back) what they must."""
 
 from __future__ import annotations
 
 import json
 import threading
 from http.server import HTTPServer
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -12,9 +14,11 @@ import yaml
 from prospect.config import load_config
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
+from prospect.online.labellers import HTTPJudge, JudgeLabeller
 from prospect.online.rounds import run_loop
 from prospect.online.session import SamplingSession, nested_run
 from tests.helpers import tiny_overrides
+from tests.test_cli import run_cli
 from tests.test_labellers import StubJudge
 
 REWARD = "tests.test_loops:reward_letters"
@@ -25,7 +29,23 @@ def reward_letters(prompt, completion: str) -> float:
     return float(completion.count("e"))
 
 
-def loop_config(tiny_model_dir, data, out, **extra):
+REWARD_BROKEN = False  # set by a test: the reward below then fails, as a buggy reward function would
+
+
+def reward_unless_broken(prompt, completion: str) -> float | str:
+    return "n/a" if REWARD_BROKEN else reward_letters(prompt, completion)
+
+
+ONE_ROUND = {  # a one-round KTO loop whose reward can be broken
+    "loss.name": "kto",
+    "loop.threshold": "mean",
+    "loop.rounds": 1,
+    "train.max_steps": 1,
+    "online.reward_function": "tests.test_loops:reward_unless_broken",
+}
+
+
+def loop_overrides(tiny_model_dir, data, out, **extra):
     values = {
         "online.reward_function": REWARD,
         "online.samples_per_prompt": 4,
@@ -35,7 +55,11 @@ def loop_config(tiny_model_dir, data, out, **extra):
         "train.batch_size": 2,
         **extra,
     }
-    return load_config(None, tiny_overrides(tiny_model_dir, data, out, **values))
+    return tiny_overrides(tiny_model_dir, data, out, **values)
+
+
+def loop_config(tiny_model_dir, data, out, **extra):
+    return load_config(None, loop_overrides(tiny_model_dir, data, out, **extra))
 
 
 def rounds(run):
@@ -249,3 +273,86 @@ def test_a_killed_round_resumes(tiny_model_dir, kto_file, tmp_path, monkeypatch)
         json.loads(x)["step"] for x in (run / "round-02" / "train" / "metrics.jsonl").read_text().splitlines()
     ]
     assert metrics == [1, 2]
+
+
+def files(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_run_until_round_one_has_labelled_samples(
+    tiny_model_dir, kto_file, tmp_path, monkeypatch
+):
+    run, replaced = tmp_path / "run", tmp_path / ".run.replaced"
+    run_loop(loop_config(tiny_model_dir, kto_file, run, **ONE_ROUND))
+    finished = files(run)
+    overwrite = loop_config(tiny_model_dir, kto_file, run, **ONE_ROUND, **{"train.overwrite": True})
+
+    def broken_sampler(self):
+        raise RuntimeError("the sampler broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SamplingSession, "sample", broken_sampler)
+        with pytest.raises(RuntimeError, match="the sampler broke"):
+            run_loop(overwrite)
+        with pytest.raises(RuntimeError, match="the sampler broke"):
+            run_loop(loop_config(tiny_model_dir, kto_file, tmp_path / "new", **ONE_ROUND))
+    assert files(run) == finished and not replaced.exists()  # put back; nothing half-made left behind
+    assert not (tmp_path / "new").exists()
+
+    monkeypatch.setattr("tests.test_loops.REWARD_BROKEN", True)
+    with pytest.raises(UserError, match=r"^round 1: labelling failed: .*returned 'n/a'"):
+        run_loop(overwrite)
+    assert files(replaced) == finished  # the old run is kept aside until the new one has labelled samples
+    new_round = run / "round-01"
+    assert (new_round / "generations.jsonl").is_file() and not (new_round / "samples.jsonl").exists()
+
+    monkeypatch.setattr("tests.test_loops.REWARD_BROKEN", False)
+    run_loop(loop_config(tiny_model_dir, kto_file, run, **ONE_ROUND, **{"train.resume": True}))
+    assert not replaced.exists() and [r["round"] for r in rounds(run)] == [1]
+
+
+def test_a_failed_labelling_keeps_the_samples_and_resume_labels_them(
+    tiny_model_dir, kto_file, tmp_path, monkeypatch, capsys
+):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    monkeypatch.setattr("tests.test_loops.REWARD_BROKEN", True)
+    code, _, err = run_cli(["loop", *loop_overrides(tiny_model_dir, kto_file, run, **ONE_ROUND)], capsys)
+    kept = run / "round-01" / "generations.jsonl"
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: round 1: labelling failed: ") and "returned 'n/a'" in last
+    assert f"the samples are kept in {kept}" in last and "--resume" in last and "Traceback" not in err
+    drawn = kept.read_text()
+
+    monkeypatch.setattr("tests.test_loops.REWARD_BROKEN", False)
+    real_sample, sampled = SamplingSession.sample, []
+    monkeypatch.setattr(SamplingSession, "sample", lambda self: sampled.append(1) or real_sample(self))
+    code, _, _ = run_cli(
+        ["loop", *loop_overrides(tiny_model_dir, kto_file, run, **ONE_ROUND), "--resume"], capsys
+    )
+    assert code == 0 and not sampled and kept.read_text() == drawn  # labelled again, not sampled again
+    assert [r["round"] for r in rounds(run)] == [1]
+    run_loop(loop_config(tiny_model_dir, kto_file, straight, **ONE_ROUND))  # the same loop, never interrupted
+    for name in ("generations.jsonl", "samples.jsonl", "data.jsonl"):
+        assert (run / "round-01" / name).read_text() == (straight / "round-01" / name).read_text()
+
+
+def test_each_process_labels_its_own_share_of_the_gathered_samples():
+    rows = list(range(7))  # one per prompt, gathered in process order from prompts dealt out round-robin
+    for n in (1, 2, 3):
+        shares = [
+            SamplingSession.own_share(
+                SimpleNamespace(state=SimpleNamespace(num_processes=n, process_index=i)), rows
+            )
+            for i in range(n)
+        ]
+        assert [len(share) for share in shares] == [len(rows[i::n]) for i in range(n)]
+        assert [row for share in shares for row in share] == rows
+
+
+def test_a_judge_that_never_answers_stops_the_labelling(monkeypatch):
+    """A judge that gave up on some items labels them failed; one that answered nothing fails the round."""
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
+    unreachable = HTTPJudge("http://127.0.0.1:9/v1", "m", "JUDGE_KEY", timeout=1, retries=0)
+    with pytest.raises(UserError, match="no reply to any of 2 requests") as error:
+        JudgeLabeller(unreachable).rate(["a?", "b?"], ["x", "y"])
+    assert "sk-test-secret" not in str(error.value)

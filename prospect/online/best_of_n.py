@@ -62,9 +62,9 @@ def best_of_n(config: Config, train: bool = True) -> Path:
             )
         if state.is_main_process:
             run.create()
-            run.settle()  # the samples are drawn and scored: the new run has its data
             write_jsonl(samples_file, [dataclasses.asdict(s) for group in groups for s in group])
             write_jsonl(kept_file, [dataclasses.asdict(s) for s in kept])
+            run.settle()  # the new run has its data on disk: only now does the run it replaces go
             every = [s.score for group in groups for s in group]
             print(
                 f"best-of-{config.online.samples_per_prompt}: {len(groups)} prompts, mean score "

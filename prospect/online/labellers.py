@@ -171,6 +171,18 @@ class JudgeLabeller:
             return f"Think step by step in a few sentences, then end with {answer}."
         return f"Reply with {answer} only."
 
+    def ask(self, conversations: list[list[dict]]) -> list[str]:
+        """The judge's replies. An endpoint that gave up on some items labels those failed; one that gave up
+        on every item labels nothing, which stops the round (its samples are kept for --resume)."""
+        failed = getattr(self.complete, "failed", 0)
+        replies = self.complete(conversations)
+        self.asked += len(replies)
+        if replies and getattr(self.complete, "failed", 0) - failed == len(replies):
+            raise UserError(
+                f"{self.complete!r}: no reply to any of {len(replies)} requests, even after retries"
+            )
+        return replies
+
     def compare(self, prompts: list[Text], pairs: list[tuple[str, str]]) -> list[float | None]:
         """P(first is better) for each pair: 1, 0.5 (the two orders disagree) or 0; None when unparsable."""
         how = self.instructions("compare")
@@ -185,8 +197,7 @@ class JudgeLabeller:
                         }
                     ]
                 )
-        replies = self.complete(conversations)
-        self.asked += len(replies)
+        replies = self.ask(conversations)
         out = []
         for first, swapped in zip(replies[0::2], replies[1::2]):
             v1, v2 = parse_verdict(first), parse_verdict(swapped)
@@ -196,13 +207,12 @@ class JudgeLabeller:
 
     def rate(self, prompts: list[Text], completions: list[str]) -> list[float | None]:
         how = self.instructions("rate")
-        replies = self.complete(
+        replies = self.ask(
             [
                 [{"role": "user", "content": RATE.format(prompt=prompt_text(p), response=c, how=how)}]
                 for p, c in zip(prompts, completions)
             ]
         )
-        self.asked += len(replies)
         ratings = [parse_rating(r) for r in replies]
         self.malformed += sum(r is None for r in ratings)
         return ratings
@@ -289,7 +299,8 @@ class HTTPJudge:
     never printed, logged, put into error messages or sent to another origin; plain http is refused except
     to this machine unless `allow_http`. A busy, failing or unreachable server is asked again with growing
     waits (`retries` times); then the item is labelled failed (an empty reply, counted as malformed) and the
-    loop goes on. A refused key or a wrong address stops the run with a one-line error."""
+    loop goes on, unless every item failed (`JudgeLabeller.ask`). A refused key or a wrong address stops the
+    run with a one-line error."""
 
     def __init__(
         self,

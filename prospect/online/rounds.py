@@ -12,7 +12,8 @@
   iterative loop with an AI judge (loop.judge) as the labeller.
 
 Every round keeps its samples, training data and training run on disk (run_dir/round-NN/); a finished round
-is marked DONE, so a killed loop resumes at the round it was in (and inside that round's training run).
+is marked DONE, so a killed loop resumes at the round it was in (and inside that round's training run), and a
+round whose labelling failed is labelled again from the samples it drew.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,12 +260,27 @@ def critique_and_revise(session: SamplingSession, groups: list[Group], rules: li
 
 
 def sample_round(config: Config, kind: LoopKind, policy: str, k: int, rdir: Path) -> None:
-    """Sample from `policy`, label, and write samples.jsonl, data.jsonl and stats.json for round k."""
+    """Sample from `policy` into generations.jsonl, label, and write samples.jsonl, data.jsonl and stats.json
+    for round k. The generations are on disk before labelling starts, so a round whose labeller fails is
+    labelled again from them on --resume, not sampled again (both ways label the same rows)."""
     state = PartialState()
     # Each round samples the next window of prompts, with its own seed.
     session = SamplingSession(config, policy, window=k - 1, seed=config.train.seed * 1009 + (k - 1) * 31)
-    groups = session.sample()
-    rows, stats = kind.label(session, groups)
+    drawn = rdir / "generations.jsonl"
+    if not drawn.is_file():
+        generations = session.gather([dataclasses.asdict(g) for g in session.sample()])
+        if state.is_main_process:
+            write_jsonl(drawn, generations)
+        state.wait_for_everyone()
+    groups = [Group(**g) for g in session.own_share(read_jsonl(drawn))]
+    kept = f"the samples are kept in {drawn}; fix the cause and rerun with --resume to label them again"
+    try:
+        rows, stats = kind.label(session, groups)
+    except UserError as exc:
+        raise UserError(f"round {k}: labelling failed: {exc}; {kept}") from None
+    except Exception:
+        print(f"round {k}: labelling failed (traceback below); {kept}", file=sys.stderr, flush=True)
+        raise
     samples, rows = session.gather([dataclasses.asdict(g) for g in groups]), session.gather(rows)
     del session
     if state.is_main_process:
@@ -276,26 +293,38 @@ def sample_round(config: Config, kind: LoopKind, policy: str, k: int, rdir: Path
 def run_loop(config: Config) -> Path:
     """Run (or resume) the loop; returns the run directory. Each round's training run is a normal prospect
     run with its own held-out evaluation."""
-    from prospect.engine.factory import make_trainer
-
     spec = get_loss(config.loss_name)
     if spec.loop != "offline" or spec.model != "policy":
         raise UserError(
             f"loss '{spec.name}' cannot be trained in rounds; use an offline policy loss (kto, dpo, sft, ...)"
         )
-    loop = config.loop
-    kind = LOOP_KINDS[loop.kind](config, spec)
+    kind = LOOP_KINDS[config.loop.kind](config, spec)
     run = RunDir(config)
-    if loop.judge == "none" and kind.labels_with_reward:
+    if config.loop.judge == "none" and kind.labels_with_reward:
         check_reward(config.online)
     # Bad model paths and bad prompt files fail here, before the run directory exists.
     resolve_model_source(config.model)
     read_prompts(config.data, config.train.seed)
     state = PartialState()
     if state.is_main_process:
-        run.create()
-        run.settle()  # inputs are checked; a loop keeps its state on disk from here on
+        run.create()  # a run being overwritten is set aside until round 1 has its samples labelled
     state.wait_for_everyone()
+    try:
+        run_rounds(config, kind, run)
+    except BaseException:
+        # Failing before round 1's samples are on disk leaves nothing (and puts back the overwritten run);
+        # a loop with samples is kept for --resume.
+        if state.is_main_process and not (run.path / "round-01" / "generations.jsonl").is_file():
+            run.abandon()
+        raise
+    return run.path
+
+
+def run_rounds(config: Config, kind: LoopKind, run: RunDir) -> None:
+    """Each round not marked DONE: sample and label it (unless its samples.jsonl is there), then train."""
+    from prospect.engine.factory import make_trainer
+
+    loop, state = config.loop, PartialState()
     base = policy = config.model.name
     history = read_jsonl(run.path / "rounds.jsonl") if (run.path / "rounds.jsonl").is_file() else []
     for k in range(1, loop.rounds + 1):
@@ -307,6 +336,8 @@ def run_loop(config: Config) -> Path:
         rdir.mkdir(parents=True, exist_ok=True)
         if not (rdir / "samples.jsonl").is_file():
             sample_round(config, kind, policy, k, rdir)
+        if state.is_main_process and run.set_aside:  # the overwritten run goes once a round is labelled
+            run.settle()
         groups = [Group(**g) for g in read_jsonl(rdir / "samples.jsonl")]
         start_model = kind.start_model(base, policy)
         for i, step in enumerate(kind.steps(rdir)):
@@ -341,7 +372,6 @@ def run_loop(config: Config) -> Path:
             write_jsonl(run.path / "rounds.jsonl", history)
             write_text_atomic(rdir / "DONE", policy)
         state.wait_for_everyone()
-    return run.path
 
 
 def round_record(k: int, policy: str, rows: int, rdir: Path, seconds: float) -> dict:

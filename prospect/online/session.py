@@ -101,6 +101,12 @@ class SamplingSession:
         """Every process's rows, in process order, on every process."""
         return gather_object(rows) if self.state.num_processes > 1 else rows
 
+    def own_share(self, rows: list[Row]) -> list[Row]:
+        """This process's rows of what `gather` returned: one row for each of the window's prompts."""
+        n, i = self.state.num_processes, self.state.process_index
+        sizes = [len(range(j, len(rows), n)) for j in range(n)]  # prompts are dealt out round-robin
+        return rows[sum(sizes[:i]) : sum(sizes[: i + 1])]
+
 
 def nested_run(
     config: Config, data_file: Path, output_dir: Path, data_format: str = "auto", **train_overrides: Any
