@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,6 +132,22 @@ def test_resume_refuses_a_changed_config(tiny_model_dir, kto_file, tmp_path):
             kto_file,
             tmp_path / "run",
             **{"train.max_steps": 1, "train.resume": True, "train.learning_rate": 0.5},
+        )
+
+
+def test_resume_reads_an_option_the_run_predates_as_its_default(tiny_model_dir, kto_file, tmp_path):
+    run = tmp_path / "run"
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1}).train()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["max_skips"]  # as written by a prospect from before the option existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    make_trainer(tiny_model_dir, kto_file, run, **{"train.max_steps": 1, "train.resume": True}).train()
+    with pytest.raises(UserError, match=r"cannot resume with train.max_skips=4; the run used 10"):
+        make_trainer(
+            tiny_model_dir,
+            kto_file,
+            run,
+            **{"train.max_steps": 1, "train.resume": True, "train.max_skips": 4},
         )
 
 

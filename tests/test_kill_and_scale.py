@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,6 +188,58 @@ def test_two_processes_match_one(loss, launcher, tiny_model_dir, tmp_path):
         # KTO's reference point is estimated per microbatch step: one process accumulating sees each half
         # of the batch alone, two processes reduce it over both halves, so the runs differ slightly by design.
         assert worst < 1e-2
+
+
+def test_fsdp_on_two_cpu_processes_trains_to_the_weights_of_one(tiny_model_dir, tmp_path):
+    """accelerate offers FSDP only on GPUs; on CPU processes prospect shards with torch's fully_shard. Two
+    sharded processes x 4 must reach one process x 4 x 2 accumulation steps, with clipping active, held-out
+    sampling and a resume from a checkpoint on the way; its checkpoints hold the same files as an unsharded
+    run's, so the resumed steps are checked too."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", paired_rows(32))
+    options = {
+        "loss.name": "dpo",
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.log_every": 1,
+        "train.save_every": 2,
+        "train.keep_last": 2,
+        "train.max_grad_norm": 0.05,  # below the gradient norms: clipping acts on every step
+        "eval.num_prompts": 4,
+        "eval.max_new_tokens": 6,
+    }
+    one = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "one", **options, **{"train.grad_accum": 2}))
+    assert one.returncode == 0, one.stderr
+    fsdp = accelerate_launch("fsdp_cpu_2proc.yaml")
+    two = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options), launcher=fsdp)
+    assert two.returncode == 0, two.stderr
+    assert "4 x 1 accum x 2 proc FSDP2 on CPU" in two.stdout
+    step2 = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "model.safetensors"))
+    one_at_2 = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))
+    assert step2.keys() == one_at_2.keys()  # the same files as an unsharded run's: full weights, by name
+    assert max((step2[k] - one_at_2[k]).abs().max().item() for k in step2) < 1e-5
+    straight = weights(tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-000004")  # as if killed before step 4 was saved
+    resumed = cli(
+        [*tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options), "train.resume=true"],
+        launcher=fsdp,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 2 of 4)" in resumed.stdout
+    assert same(weights(tmp_path / "two"), straight)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    metrics = [
+        [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("one", "two")
+    ]
+    assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
+    for m1, m2 in zip(*metrics):
+        assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-5)
+        assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+        assert m1["grad_norm"] > 0.05
+    after = [json.loads((tmp_path / r / "eval_after.json").read_text()) for r in ("one", "two")]
+    assert after[0]["kl_mean"] == pytest.approx(after[1]["kl_mean"], abs=1e-4)
 
 
 def test_two_processes_fill_a_packed_bf16_reference_cache_like_one(tiny_model_dir, tmp_path):

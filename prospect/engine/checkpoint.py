@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prospect.engine.sharding import full_state, full_weights, load_full_state, local
 from prospect.errors import UserError
 from prospect.io import write_json
 
@@ -164,19 +165,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: torch.nn.Module, path: Path, trainable_only: bool = True) -> None:
-    """Parameters by name: the trainable ones (for LoRA, the adapter), or all of them."""
-    tensors = {
-        n: p.detach().contiguous().cpu()
-        for n, p in model.named_parameters()
-        if p.requires_grad or not trainable_only
-    }
-    save_file(tensors, str(path))
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Every parameter, by name."""
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, str(path))
 
 
-def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool = True) -> None:
+def load_weights(model: torch.nn.Module, path: Path) -> None:
     tensors = load_file(str(path))
-    wanted = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    wanted = dict(model.named_parameters())
     if set(tensors) != set(wanted):
         raise ValueError(f"{path}: checkpoint weights do not match the model's parameters")
     with torch.no_grad():
@@ -184,8 +180,8 @@ def load_weights(model: torch.nn.Module, path: Path, trainable_only: bool = True
             param.copy_(tensors[name])
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    state = optimizer.state_dict()
+def save_optimizer(state: dict[str, Any], directory: Path) -> None:
+    """An `optimizer.state_dict()`: its tensors in safetensors, the rest in JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for index, values in state["state"].items():
@@ -198,14 +194,14 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def read_optimizer(directory: Path) -> dict[str, Any]:
     tensors = load_file(str(directory / "optimizer.safetensors"))
     meta = json.loads((directory / "optimizer.json").read_text())
     state: dict[int, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_rng(path: Path) -> None:
@@ -268,7 +264,9 @@ class Checkpointer:
         acc = self.acc
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         finite = (
-            torch.stack([torch.isfinite(p).all() for p in trainable]).all().float() if trainable else None
+            torch.stack([torch.isfinite(local(p)).all() for p in trainable]).all().float()
+            if trainable
+            else None
         )
         if finite is not None and float(acc.reduce(finite, "min")) < 1:
             found = complete_checkpoints(self.root)
@@ -284,13 +282,17 @@ class Checkpointer:
         acc.wait_for_everyone()
         if self.sharded:  # every rank writes its shard of weights and optimizer state
             acc.save_state(str(tmp / SHARDED_STATE), safe_serialization=True)
+        else:  # gathered in full on the main process when sharded on CPU processes (a collective)
+            weights, optimizer_state = full_state(acc.unwrap_model(self.policy), self.raw_optimizer())
         if acc.is_main_process:
             if not self.sharded:
-                save_weights(acc.unwrap_model(self.policy), tmp / "model.safetensors")
-                save_optimizer(self.raw_optimizer(), tmp)
+                save_file(
+                    {n: t.contiguous().cpu() for n, t in weights.items()}, str(tmp / "model.safetensors")
+                )
+                save_optimizer(optimizer_state, tmp)
             fault("checkpoint-write", step)
             if self.refreshed_reference is not None:
-                save_weights(self.refreshed_reference, tmp / "reference.safetensors", trainable_only=False)
+                save_weights(self.refreshed_reference, tmp / "reference.safetensors")
             write_json(tmp / "scheduler.json", self.scheduler.state_dict())
         acc.wait_for_everyone()
         save_rng(tmp / f"rng-{acc.process_index}.safetensors")
@@ -326,10 +328,15 @@ class Checkpointer:
         if self.sharded:
             self.acc.load_state(str(path / SHARDED_STATE))
         else:
-            load_weights(self.acc.unwrap_model(self.policy), path / "model.safetensors")
-            load_optimizer(self.raw_optimizer(), path)
+            weights = load_file(str(path / "model.safetensors"))
+            try:
+                load_full_state(
+                    self.acc.unwrap_model(self.policy), self.raw_optimizer(), weights, read_optimizer(path)
+                )
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
         if self.refreshed_reference is not None:
-            load_weights(self.refreshed_reference, path / "reference.safetensors", trainable_only=False)
+            load_weights(self.refreshed_reference, path / "reference.safetensors")
         self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         load_rng(path / f"rng-{self.acc.process_index}.safetensors")
         self.load_loop_state(state.get("extra", {}))
@@ -343,7 +350,9 @@ class Checkpointer:
         final = self.run_dir / "final"
         acc = self.acc
         # FSDP and ZeRO-3 hold shards: gather the full weights (a collective, so on every rank).
-        full = acc.get_state_dict(self.policy) if self.sharded else None
+        full = (
+            acc.get_state_dict(self.policy) if self.sharded else full_weights(acc.unwrap_model(self.policy))
+        )
         if acc.is_main_process:
             model = acc.unwrap_model(self.policy).model
             tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))

@@ -20,6 +20,7 @@ from prospect.config import Config
 from prospect.data.batching import Sequences, pad
 from prospect.data.tokenize import EncodedPrompt, all_instances
 from prospect.engine.metrics import StepStats
+from prospect.engine.sharding import gathered
 from prospect.engine.trainer import StepResult, Trainer
 from prospect.errors import UserError
 from prospect.losses.advantages import gae, masked_mean, whiten
@@ -157,7 +158,8 @@ class PPOTrainer(Trainer):
         params = rollout_params(
             self.cfg.online, self.cfg.train.seed * 1_000_003 + self.step * self.world + rank
         )
-        samples = self.sampler.generate([p.prompt_ids for p in prompts], params)
+        with gathered(self.policy):
+            samples = self.sampler.generate([p.prompt_ids for p in prompts], params)
         rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
         texts = self.tokenizer.batch_decode([s.token_ids for _, s in rows], skip_special_tokens=True)
         rewarded = self.reward([p.prompt for p, _ in rows], texts, [p.fields for p, _ in rows])

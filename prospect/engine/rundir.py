@@ -7,6 +7,7 @@ new run directory. An output directory that holds an input, or sits inside one, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from prospect import __version__
-from prospect.config import Config
+from prospect.config import SECTIONS, Config
 from prospect.errors import UserError
 from prospect.io import write_text_atomic
 
@@ -46,6 +47,7 @@ RESUMABLE_CHANGES = {
     ("train", "overwrite"),
     ("train", "log_every"),
     ("train", "report_to"),
+    ("loop", "judge_key_env"),  # where the key is kept, not which judge: keys rotate
 }
 
 
@@ -86,8 +88,10 @@ class RunDir:
         for section, values in self.cfg.to_dict().items():
             if section == "eval":
                 continue
+            # An option the run's config lacks was added by a later prospect: the run had its default.
+            defaults = dataclasses.asdict(SECTIONS[section]()) if section in SECTIONS else {}
             for key, value in values.items():
-                old = saved.get(section, {}).get(key)
+                old = saved.get(section, {}).get(key, defaults.get(key))
                 if (section, key) not in RESUMABLE_CHANGES and old != value:
                     raise UserError(
                         f"{self.path}: cannot resume with {section}.{key}={value!r}; the run used {old!r}"

@@ -38,6 +38,7 @@ from prospect.engine.heads import HEADS, RunContext
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
 from prospect.engine.rundir import RunDir
+from prospect.engine.sharding import fsdp_on_cpu, full, gathered, prepare, shard
 from prospect.errors import UserError
 from prospect.io import write_text_atomic
 from prospect.losses import get_loss
@@ -74,7 +75,8 @@ class Trainer:
         # With no GPU, multi-process launches (torchrun, accelerate launch) run DDP over gloo on the CPU.
         self.accelerator = Accelerator(log_with=self.trackers(), project_dir=t.output_dir, cpu=cpu_only())
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        check_sharding(self.sharded, config.model)
+        self.fsdp_on_cpu = fsdp_on_cpu(self.accelerator)  # sharded by prospect: accelerate will not on CPU
+        check_sharding(self.sharded or self.fsdp_on_cpu, config.model)
         self.run = RunDir(config)
         self.run_dir = self.run.path
         examples = read_training(config.data, self.spec.data, t.seed)
@@ -117,18 +119,14 @@ class Trainer:
 
         self.model, self.peft_model = self.build_policy(model)
         self.scorer = self.build_scorer()
+        if self.fsdp_on_cpu:  # before the optimizer is built, so that it holds the shards
+            shard(self.scorer)
         trainable = [p for p in self.scorer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True
-        )
+        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
         updates = self.total_steps * self.updates_per_step()
-        self.scheduler = get_scheduler(
-            t.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=round(t.warmup_ratio * updates),
-            num_training_steps=updates,
-        )
-        self.policy, self.optimizer = self.accelerator.prepare(self.scorer, self.optimizer)
+        warmup = round(t.warmup_ratio * updates)
+        self.scheduler = get_scheduler(t.lr_scheduler, optimizer, warmup, num_training_steps=updates)
+        self.policy, self.optimizer = prepare(self.accelerator, self.scorer, optimizer)
         self.live_reference = self.build_reference()
         self.reference_forwards = 0  # sequences the reference model actually ran (0 when fully cached)
         self.reference = self.counted(self.live_reference) if self.live_reference else None
@@ -392,7 +390,7 @@ class Trainer:
         trainer's updates go through here. Returns (gradient norm, whether the update was made)."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
+        grad_norm = float(full(self.accelerator.clip_grad_norm_(params, max_norm)))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             message = (
                 f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
@@ -468,7 +466,8 @@ class Trainer:
             if self.initial_model is None:
                 raise ValueError("train.reference_refresh_every: there is no reference copy to refresh")
             policy = self.accelerator.unwrap_model(self.policy).model
-            refresh_copy(self.initial_model, policy, self.cfg.train.reference_refresh_alpha)
+            with gathered(self.policy):
+                refresh_copy(self.initial_model, policy, self.cfg.train.reference_refresh_alpha)
 
     def banner(self) -> str:
         t, kind = self.cfg.train, self.accelerator.distributed_type
@@ -479,7 +478,7 @@ class Trainer:
         return (
             f"prospect {self.spec.name}: {len(self.data.items)} items {self.data.counts}, {self.total_steps} steps "
             f"of {self.global_batch} ({t.batch_size} x {t.grad_accum} accum x {self.world} proc"
-            f"{'' if kind == DistributedType.NO else f' {kind.value}'}), {mode}, reference={reference}, precision="
+            f"{'' if kind == DistributedType.NO else ' ' + ('FSDP2 on CPU' if self.fsdp_on_cpu else kind.value)}), {mode}, reference={reference}, precision="
             f"{'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
             f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}"
         )
@@ -491,7 +490,8 @@ class Trainer:
         kind = self.evaluation.result_type
         if when == "before" and self.step > 0:  # resumed: the untrained model is gone
             return kind(**json.loads(path.read_text())) if path.is_file() else None
-        result = self.evaluation(self.accelerator.unwrap_model(self.policy), self.live_reference, when)
+        with gathered(self.policy):  # sampling runs without collectives
+            result = self.evaluation(self.accelerator.unwrap_model(self.policy), self.live_reference, when)
         if self.accelerator.is_main_process:
             write_text_atomic(path, json.dumps(result.__dict__, indent=1))
         return result

@@ -32,12 +32,12 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def cpu_only() -> bool:
-    """No accelerator: every process runs on the CPU and multi-process launches are DDP over gloo."""
+    """No accelerator: every process runs on the CPU, and multi-process launches run over gloo (DDP, or FSDP2
+    sharded by prospect, see engine/sharding.py)."""
     if torch.accelerator.is_available():
         return False
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() == "true":
-            log.warning("%s needs GPUs; with none here the processes run DDP over gloo on the CPU", name)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        log.warning("DeepSpeed needs GPUs; with none here the processes run DDP over gloo on the CPU")
     return True
 
 
