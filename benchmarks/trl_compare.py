@@ -26,6 +26,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,17 +38,78 @@ import torch
 LR, BETA, BATCH = 1e-6, 0.1, 8
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 6, trials: int = 5) -> float:
-    """The best of `trials` timings of `reps` square matmuls: the clock of a shared CPU varies."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
+KNOWN_BF16_PEAK = 2064.0  # GFLOP/s, 2026-11-30 on this 2-core host (4096² bf16 matmuls, best of 5)
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, trials: int = 5) -> float:
+    """The best of `trials` timings of [m, k] @ [k, n], after a warm-up: the clock of a shared CPU varies."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    reps = max(1, int(2e10 / (2 * m * k * n)))  # about 20 GFLOP per trial
+    for _ in range(2):
+        a @ b
     best = 0.0
     for _ in range(trials):
         started = time.perf_counter()
         for _ in range(reps):
             a @ b
-        best = max(best, 2 * size**3 * reps / (time.perf_counter() - started) / 1e9)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - started) / 1e9)
     return best
+
+
+def matmul_peak(dtype: torch.dtype) -> float:
+    """The best square matmul over several sizes. A bf16 peak far below the machine's known one means the
+    cores were busy or throttled: measured again, up to three times, then flagged."""
+    peak = 0.0
+    for _ in range(3):
+        peak = max(matmul_gflops(n, n, n, dtype) for n in (1024, 2048, 4096))
+        if dtype != torch.bfloat16 or peak > 0.6 * KNOWN_BF16_PEAK:
+            return peak
+        print(
+            f"bf16 peak {peak:.0f} GFLOP/s, far below {KNOWN_BF16_PEAK:.0f}: measuring again", file=sys.stderr
+        )
+        time.sleep(10)
+    return peak
+
+
+def model_shapes(tokens: int) -> list[tuple[int, int, int]]:
+    """The [m, k] @ [k, n] products of one training step of SmolLM2 at `tokens` rows: each projection's
+    forward, its input gradient and its weight gradient, and the output projection at every row."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir())
+    d, head_dim = c.hidden_size, c.hidden_size // c.num_attention_heads
+    projections = [
+        (d, c.num_attention_heads * head_dim),  # q
+        (d, c.num_key_value_heads * head_dim),  # k
+        (d, c.num_key_value_heads * head_dim),  # v
+        (c.num_attention_heads * head_dim, d),  # o
+        (d, c.intermediate_size),  # gate
+        (d, c.intermediate_size),  # up
+        (c.intermediate_size, d),  # down
+    ]
+    shapes = []
+    for k, n in [*projections, (d, c.vocab_size)]:
+        shapes += [(tokens, k, n), (tokens, n, k), (k, tokens, n)]
+    return shapes
+
+
+def shape_roofline(tokens: int) -> float:
+    """What this CPU delivers on the model's own bf16 matmul shapes: their FLOPs over their best times.
+    A 576-wide model cannot reach the square-matmul peak; this is the ceiling a step can approach."""
+    shapes = model_shapes(tokens)
+    seconds = sum(
+        2 * m * k * n / (matmul_gflops(m, k, n, torch.bfloat16, trials=3) * 1e9) for m, k, n in shapes
+    )
+    return sum(2 * m * k * n for m, k, n in shapes) / seconds / 1e9
+
+
+def wait_until_quiet(limit: float, timeout: float = 600.0) -> float:
+    """Wait for the 1-minute load average to fall below `limit` (other work on 2 cores slows both libraries
+    unevenly); returns the load at the start, which is printed with each row."""
+    started = time.time()
+    while os.getloadavg()[0] >= limit and time.time() - started < timeout:
+        time.sleep(15)
+    return os.getloadavg()[0]
 
 
 def build_data(job: str, max_length: int, rows: int, path: Path) -> None:
@@ -116,6 +178,9 @@ class Timer:
         }
 
 
+PROSPECT_OPTIONS = {"packed", "lean", "cached", "sdpa", "eager"}
+
+
 def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, options: set[str]) -> dict:
     """options: 'packed' (padding-free rows; chosen and rejected share their prompt), 'lean' (gradient
     checkpointing), 'cached' (reference log-probs computed once before training; their time is reported
@@ -178,19 +243,29 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, o
     trainer.accumulate_gradients = counting
     trainer.train_step = timed_step
     trainer.train()
-    return timer.summary()
+    return {
+        **timer.summary(),
+        "settings": dict(o.split("=", 1) for o in overrides if not o.startswith("data.train")),
+    }
 
 
-def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path, precompute: bool) -> dict:
-    """precompute: TRL's own precompute_ref_log_probs (reference log-probs before the first step)."""
+TRL_OPTIONS = {"nockpt", "precompute", "sdpa", "eager"}
+
+
+def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path, options: set[str]) -> dict:
+    """options: 'nockpt' (gradient checkpointing off; TRL's KTOConfig/DPOConfig turn it on by default),
+    'precompute' (TRL's precompute_ref_log_probs: reference log-probs before the first step), 'sdpa' or
+    'eager' (the attention; otherwise transformers' default for the model)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     timer = Timer()
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    reference = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    chosen = [a for a in ("sdpa", "eager") if a in options]
+    attention = {"attn_implementation": chosen[0]} if chosen else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **attention)
+    reference = AutoModelForCausalLM.from_pretrained(path, **attention)
     dataset = load_dataset("json", data_files=str(data), split="train")
     common = {
         "output_dir": str(out),
@@ -206,8 +281,10 @@ def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path, precom
         "max_length": max_length,
         "warmup_steps": 0,
         "dataloader_num_workers": 0,
-        "precompute_ref_log_probs": precompute,
+        "precompute_ref_log_probs": "precompute" in options,
     }
+    if "nockpt" in options:
+        common["gradient_checkpointing"] = False
     timer.begin()  # setup: the trainer's construction up to its first step (TRL may precompute in either)
     if job == "kto":
         from trl import KTOConfig, KTOTrainer
@@ -250,7 +327,22 @@ def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path, precom
     trainer.add_callback(Clock())
     trainer.train()
     timer.losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return timer.summary()
+    a = trainer.args
+    settings = {
+        "trl": __import__("trl").__version__,
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "precompute_ref_log_probs": a.precompute_ref_log_probs,
+        "attn_implementation": model.config._attn_implementation,
+        "bf16": a.bf16,
+        "padding_free": getattr(a, "padding_free", None),
+        "torch_compile": a.torch_compile,
+        "use_liger_kernel": a.use_liger_kernel,
+        "per_device_train_batch_size": a.per_device_train_batch_size,
+        "max_length": a.max_length,
+        "learning_rate": a.learning_rate,
+        "beta": a.beta,
+    }
+    return {**timer.summary(), "settings": settings}
 
 
 def useful_flops_per_token(job: str, tokens_per_sequence: float, reference_in_step: bool = True) -> float:
@@ -273,6 +365,18 @@ def useful_flops_per_token(job: str, tokens_per_sequence: float, reference_in_st
     return 3 * per_forward + forwards * per_forward
 
 
+def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    name, *options = args.worker.split("+")
+    known = {"trl": TRL_OPTIONS, "prospect": PROSPECT_OPTIONS}.get(name)
+    if known is None or not set(options) <= known:
+        parser.error(f"unknown library or option {args.worker!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        run = run_trl if name == "trl" else run_prospect
+        result = run(args.job, Path(args.data), args.max_length, args.steps, out, set(options))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", choices=["kto", "dpo"], default="kto")
@@ -280,49 +384,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument(
         "--libraries",
-        default="prospect,trl",
-        help="comma separated: trl, trl+precompute (reference precomputed), or prospect with options joined by '+': packed (padding-free rows), "
-        "lean (gradient checkpointing), cached (reference log-probs precomputed), eager or sdpa "
-        "(transformers' attention instead of prospect's), e.g. prospect+packed+lean",
+        default="prospect+packed+cached,trl,trl+nockpt,trl+nockpt+precompute,trl+nockpt+precompute+eager",
+        help="comma separated; a library and options joined by '+'. trl: nockpt (no gradient "
+        "checkpointing), precompute (reference log-probs before training), sdpa or eager (attention). "
+        "prospect: packed (padding-free rows), lean (gradient checkpointing), cached (reference log-probs "
+        "precomputed), eager or sdpa (transformers' attention instead of prospect's)",
+    )
+    parser.add_argument(
+        "--max-load", type=float, default=0.8, help="wait (up to 10 min) for the load average to fall below"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out"
-            if args.worker in ("trl", "trl+precompute"):
-                precompute = args.worker == "trl+precompute"
-                result = run_trl(args.job, Path(args.data), args.max_length, args.steps, out, precompute)
-            else:
-                name, *options = args.worker.split("+")
-                if name != "prospect" or not set(options) <= {"packed", "lean", "cached", "sdpa", "eager"}:
-                    parser.error(f"unknown library {args.worker!r}")
-                result = run_prospect(
-                    args.job, Path(args.data), args.max_length, args.steps, out, set(options)
-                )
-        print("RESULT " + json.dumps(result), flush=True)
+        run_worker(args, parser)
         return
+    wait_until_quiet(args.max_load)
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    results, loads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         build_data(args.job, args.max_length, BATCH * (args.steps + 2) * 2, data)
-        results = {}
         for library in args.libraries.split(","):
-            command = [
-                sys.executable,
-                __file__,
-                "--worker",
-                library,
-                "--job",
-                args.job,
-                "--data",
-                str(data),
-                "--max-length",
-                str(args.max_length),
-                "--steps",
-                str(args.steps),
-            ]
+            loads[library] = wait_until_quiet(args.max_load)
+            command = [sys.executable, __file__, "--worker", library, "--job", args.job, "--data", str(data)]
+            command += ["--max-length", str(args.max_length), "--steps", str(args.steps)]
             done = subprocess.run(
                 command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
             )
@@ -331,37 +417,53 @@ def main() -> None:
                 print(f"{library} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                 continue
             results[library] = json.loads(lines[-1][len("RESULT ") :])
+    report(args, peaks, results, loads)
+
+
+def report(args: argparse.Namespace, peaks: dict, results: dict, loads: dict) -> None:
+    sequences = BATCH * (2 if args.job == "dpo" else 1)
+    mean_tokens = statistics.fmean(r["tokens_per_step"] for r in results.values()) if results else 0
+    roofline = shape_roofline(round(mean_tokens)) if results else float("nan")
     print(
         f"\n{args.job.upper()}, SmolLM2-135M, batch {BATCH}, max length {args.max_length}, {args.steps} steps "
-        f"(first excluded); matmul peaks: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s, "
-        f"{torch.get_num_threads()} threads"
+        f"(first excluded), {torch.get_num_threads()} threads; bf16 matmul peak {peaks['bf16']:.0f} GFLOP/s "
+        f"(known {KNOWN_BF16_PEAK:.0f}), fp32 {peaks['fp32']:.0f}; the model's own bf16 shapes at "
+        f"{mean_tokens:.0f} rows reach {roofline:.0f} GFLOP/s"
     )
     header = (
-        f"{'library':>22} {'tokens/s':>9} {'samples/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
-        f"{'% bf16':>7} {'% fp32':>7} {'run % bf16':>10} {'step-1 loss':>11} {'setup s':>7}"
+        f"{'library':>34} {'load':>5} {'tokens/s':>9} {'s/step':>7} {'peak RSS MB':>11} {'GFLOP/s':>8} "
+        f"{'% peak':>7} {'% shapes':>8} {'step-1 loss':>11} {'setup s':>7}"
     )
     print(header)
     for library, r in results.items():
-        tokens_per_sequence = r["tokens_per_step"] / (BATCH * (2 if args.job == "dpo" else 1))
         precomputed = "cached" in library or "precompute" in library
-        flops = useful_flops_per_token(args.job, tokens_per_sequence, reference_in_step=not precomputed)
-        gflops = r["tokens_per_s"] * flops / 1e9
-        setup = f"{r['setup_seconds']:.0f}" if precomputed else "-"
-        print(
-            f"{library:>22} {r['tokens_per_s']:>9.0f} {r['samples_per_s']:>9.2f} {r['step_seconds']:>7.2f} "
-            f"{r['peak_rss_mb']:>11.0f} {gflops:>8.1f} {100 * gflops / peaks['bf16']:>6.1f}% "
-            f"{100 * gflops / peaks['fp32']:>6.1f}% {100 * gflops * r['computed_fraction'] / peaks['bf16']:>9.1f}% "
-            f"{r['first_loss'] if r['first_loss'] is not None else float('nan'):>11.4f}"
-            f" {setup:>7}"
+        flops = useful_flops_per_token(
+            args.job, r["tokens_per_step"] / sequences, reference_in_step=not precomputed
         )
-    for name in results:
-        peer = "trl+precompute" if "cached" in name else "trl"
-        if name.startswith("prospect") and peer in results:
-            p, t = results[name], results[peer]
-            print(
-                f"{name} / {peer}: tokens/s x{p['tokens_per_s'] / t['tokens_per_s']:.2f}, "
-                f"peak RSS x{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
-            )
+        ran = r["tokens_per_s"] * flops * r["computed_fraction"] / 1e9  # only the tokens the network ran
+        setup = f"{r['setup_seconds']:.0f}" if precomputed else "-"
+        loss = r["first_loss"] if r["first_loss"] is not None else float("nan")
+        print(
+            f"{library:>34} {loads[library]:>5.2f} {r['tokens_per_s']:>9.0f} {r['step_seconds']:>7.2f} "
+            f"{r['peak_rss_mb']:>11.0f} {ran:>8.0f} {100 * ran / peaks['bf16']:>6.1f}% "
+            f"{100 * ran / roofline:>7.1f}% {loss:>11.4f} {setup:>7}"
+        )
+    trl = {k: v for k, v in results.items() if k.startswith("trl")}
+    if trl:
+        fastest = max(trl, key=lambda k: trl[k]["tokens_per_s"])
+        for name, p in results.items():
+            if name.startswith("prospect"):
+                for peer in dict.fromkeys([fastest, "trl"]):
+                    if peer in trl:
+                        t = trl[peer]
+                        print(
+                            f"{name} / {peer}{' (TRL fastest)' if peer == fastest else ' (TRL default)'}: "
+                            f"tokens/s x{p['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+                            f"peak RSS x{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+                        )
+    print("\nsettings:")
+    for library, r in results.items():
+        print(f"  {library}: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items()))
 
 
 if __name__ == "__main__":
