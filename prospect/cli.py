@@ -15,6 +15,7 @@ import time
 from prospect.errors import UserError
 
 DEMO_RECIPE = "kto_smollm2_vader"
+LAST_BARRIER: list[object] = []  # see end_processes
 
 
 def loss_options() -> str:
@@ -131,10 +132,27 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def end_processes() -> None:
+    """Every process meets a last barrier, whose handle is kept until the interpreter exits. gloo's worker
+    threads free each finished collective, and a barrier holds the collectives still in flight when it was
+    issued until it is freed itself; a worker that frees a tensor owning a Python object (DeepSpeed's) after
+    Python began to finalize aborts the process ("terminate called without an active exception"). Held here,
+    what this barrier holds is freed by the main thread; what it does not hold was freed before it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        barrier = dist.barrier(async_op=True)
+        barrier.wait()
+        LAST_BARRIER.append(barrier)
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("prospect").setLevel(logging.INFO)
+    # DeepSpeed, once accelerate imports it, sets its logger's level itself; a filter outlasts that. Without
+    # it every run on a CPU prints that DeepSpeed found no GPU.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -145,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     try:
         code = run(argv)
+        end_processes()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

@@ -155,6 +155,7 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def accelerate_launch(config: str) -> list[str]:
+    """A config of configs/accelerate by name, or any by absolute path."""
     path = Path(__file__).parents[1] / "configs" / "accelerate" / config
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m"]
 
@@ -190,56 +191,110 @@ def test_two_processes_match_one(loss, launcher, tiny_model_dir, tmp_path):
         assert worst < 1e-2
 
 
-def test_fsdp_on_two_cpu_processes_trains_to_the_weights_of_one(tiny_model_dir, tmp_path):
+# Two sharded processes against one process accumulating two microbatches: 4 DPO steps with clipping active on
+# every step (the gradient norms are above 0.05), a linear schedule, a TR-DPO reference refreshed at step 2 and
+# held-out sampling; checkpoints every 2 steps.
+SHARDED = {
+    "loss.name": "dpo",
+    "train.max_steps": 4,
+    "train.lr_scheduler": "linear",
+    "train.save_every": 2,
+    "train.keep_last": 2,
+    "train.max_grad_norm": 0.05,
+    "train.reference_refresh_every": 2,
+    "eval.num_prompts": 4,
+    "eval.max_new_tokens": 6,
+}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run) of one process x 4 pairs x 2 accumulation steps, which the sharded runs must reproduce."""
+    root = tmp_path_factory.mktemp("one-process")
+    data = write_jsonl(root / "pairs.jsonl", paired_rows(32))
+    options = {**SHARDED, "train.batch_size": 4, "train.grad_accum": 2}
+    done = cli(tiny_overrides(tiny_model_dir, data, root / "run", **options))
+    assert done.returncode == 0, done.stderr
+    return data, root / "run"
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest difference between two sets of weights, which must have the same names."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def resumes_bit_identically(args: list[str], launcher: list[str], run: Path) -> None:
+    """With the step-4 checkpoint gone, as if killed before it was saved, a resume from step 2 reproduces the
+    straight run's weights bit for bit."""
+    straight = weights(run)
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    resumed = cli([*args, "train.resume=true"], launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 2 of 4)" in resumed.stdout
+    assert same(weights(run), straight)
+
+
+def matches_one_process(one: Path, two: Path) -> None:
+    """Losses, gradient norms, learning rates, final weights (1e-5) and the held-out KL of one process."""
+    for m1, m2 in zip(metrics(one), metrics(two), strict=True):
+        assert m1["step"] == m2["step"] and m1["lr"] == m2["lr"]
+        assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-5)
+        assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+        assert m1["grad_norm"] > SHARDED["train.max_grad_norm"]
+    assert worst(weights(one), weights(two)) < 1e-5
+    after = [json.loads((r / "eval_after.json").read_text()) for r in (one, two)]
+    assert after[0]["kl_mean"] == pytest.approx(after[1]["kl_mean"], abs=1e-4)
+
+
+def test_fsdp_on_two_cpu_processes_trains_to_the_weights_of_one(one_process, tiny_model_dir, tmp_path):
     """accelerate offers FSDP only on GPUs; on CPU processes prospect shards with torch's fully_shard. Two
-    sharded processes x 4 must reach one process x 4 x 2 accumulation steps, with clipping active, held-out
-    sampling and a resume from a checkpoint on the way; its checkpoints hold the same files as an unsharded
-    run's, so the resumed steps are checked too."""
-    data = write_jsonl(tmp_path / "pairs.jsonl", paired_rows(32))
-    options = {
-        "loss.name": "dpo",
-        "train.max_steps": 4,
-        "train.batch_size": 4,
-        "train.log_every": 1,
-        "train.save_every": 2,
-        "train.keep_last": 2,
-        "train.max_grad_norm": 0.05,  # below the gradient norms: clipping acts on every step
-        "eval.num_prompts": 4,
-        "eval.max_new_tokens": 6,
-    }
-    one = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "one", **options, **{"train.grad_accum": 2}))
-    assert one.returncode == 0, one.stderr
+    sharded processes x 4 must reach one process x 4 x 2 accumulation steps; its checkpoints hold the same
+    files as an unsharded run's, so the step-2 weights are checked too."""
+    data, one = one_process
+    args = tiny_overrides(tiny_model_dir, data, tmp_path / "two", **SHARDED, **{"train.batch_size": 4})
     fsdp = accelerate_launch("fsdp_cpu_2proc.yaml")
-    two = cli(tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options), launcher=fsdp)
+    two = cli(args, launcher=fsdp)
     assert two.returncode == 0, two.stderr
     assert "4 x 1 accum x 2 proc FSDP2 on CPU" in two.stdout
     step2 = load_file(str(tmp_path / "two" / "checkpoints" / "step-000002" / "model.safetensors"))
-    one_at_2 = load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))
-    assert step2.keys() == one_at_2.keys()  # the same files as an unsharded run's: full weights, by name
-    assert max((step2[k] - one_at_2[k]).abs().max().item() for k in step2) < 1e-5
-    straight = weights(tmp_path / "two")
-    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-000004")  # as if killed before step 4 was saved
-    resumed = cli(
-        [*tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options), "train.resume=true"],
-        launcher=fsdp,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "(step 2 of 4)" in resumed.stdout
-    assert same(weights(tmp_path / "two"), straight)
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    metrics = [
-        [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
-        for r in ("one", "two")
-    ]
-    assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
-    for m1, m2 in zip(*metrics):
-        assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-5)
-        assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
-        assert m1["grad_norm"] > 0.05
-    after = [json.loads((tmp_path / r / "eval_after.json").read_text()) for r in ("one", "two")]
-    assert after[0]["kl_mean"] == pytest.approx(after[1]["kl_mean"], abs=1e-4)
+    assert worst(step2, load_file(str(one / "checkpoints" / "step-000002" / "model.safetensors"))) < 1e-5
+    resumes_bit_identically(args, fsdp, tmp_path / "two")
+    assert [m["step"] for m in metrics(tmp_path / "two")] == [1, 2, 3, 4]
+    matches_one_process(one, tmp_path / "two")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_two_cpu_processes_trains_to_the_weights_of_one(
+    stage, one_process, tiny_model_dir, tmp_path
+):
+    """DeepSpeed ZeRO through accelerate on two CPU processes (gloo) x 2 x 2 accumulation steps must reach one
+    process x 4 x 2: the engine, which steps inside accelerate's backward, steps once per step and clips at
+    train.max_grad_norm (its own config says 1.0); a resume reads DeepSpeed's checkpoint; no op is compiled.
+    ZeRO-3 keeps whole every weight under stage3_param_persistence_threshold (1e5 elements by default: all
+    of the tiny model's), so the threshold is 0 here and every weight is partitioned. Buckets of 1e6 elements
+    instead of DeepSpeed's 5e8 keep each process at 0.45 GB, not 2.4 GB."""
+    data, one = one_process
+    buckets = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0, **dict.fromkeys(buckets, 10**6)}
+    ds_config = {"zero_optimization": zero, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    (tmp_path / "deepspeed.json").write_text(json.dumps(ds_config))  # fp32: no fp16 or bf16 section
+    launch = {"distributed_type": "DEEPSPEED", "num_processes": 2, "num_machines": 1}
+    deepspeed_config = {"deepspeed_config_file": str(tmp_path / "deepspeed.json")}
+    (tmp_path / "accelerate.json").write_text(json.dumps({**launch, "deepspeed_config": deepspeed_config}))
+    options = {**SHARDED, "train.batch_size": 2, "train.grad_accum": 2}
+    args = tiny_overrides(tiny_model_dir, data, tmp_path / "two", **options)
+    deepspeed = accelerate_launch(str(tmp_path / "accelerate.json"))
+    two = cli(args, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ops")}, launcher=deepspeed)
+    assert two.returncode == 0, two.stderr
+    assert "2 x 2 accum x 2 proc DEEPSPEED" in two.stdout
+    assert not (tmp_path / "ops").exists()  # DeepSpeed compiled nothing: no compiler is needed
+    resumes_bit_identically(args, deepspeed, tmp_path / "two")
+    matches_one_process(one, tmp_path / "two")
 
 
 def test_two_processes_fill_a_packed_bf16_reference_cache_like_one(tiny_model_dir, tmp_path):
@@ -280,3 +335,4 @@ def test_shipped_accelerate_configs_load(name):
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["gradient_accumulation_steps"] == 1
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+        assert config.deepspeed_config.get("zero3_save_16bit_model", True)  # final/ gathers the weights

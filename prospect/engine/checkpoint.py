@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prospect.engine.sharding import full_state, full_weights, load_full_state, local
+from prospect.engine.sharding import full_state, full_weights, load_full_state, local, untied
 from prospect.errors import UserError
 from prospect.io import write_json
 
@@ -349,12 +349,12 @@ class Checkpointer:
         into it and also kept in `final/adapter/`."""
         final = self.run_dir / "final"
         acc = self.acc
-        # FSDP and ZeRO-3 hold shards: gather the full weights (a collective, so on every rank).
-        full = (
-            acc.get_state_dict(self.policy) if self.sharded else full_weights(acc.unwrap_model(self.policy))
-        )
+        # FSDP and ZeRO-3 hold shards: gather the full weights (a collective, so on every rank; ZeRO-3 gives
+        # the other ranks None).
+        module = acc.unwrap_model(self.policy)
+        full = untied(module, acc.get_state_dict(self.policy) or {}) if self.sharded else full_weights(module)
         if acc.is_main_process:
-            model = acc.unwrap_model(self.policy).model
+            model = module.model
             tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
             if self.lora:
                 model.save_pretrained(tmp / "adapter")

@@ -77,7 +77,16 @@ def is_sharded(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
     """Every parameter of a sharded module gathered for the duration (sampling, a reference refresh): inner
-    modules then run without collectives, so processes may make different numbers of forwards."""
+    modules then run without collectives, so processes may make different numbers of forwards. DeepSpeed
+    ZeRO-3 parameters are gathered to be read (a refresh), but its hooks still gather around each forward:
+    every process must make the same forwards (held-out sampling does)."""
+    zero3 = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3):
+            yield
+        return
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
@@ -92,7 +101,9 @@ def gathered(module: nn.Module) -> Iterator[None]:
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor (its shard of a DTensor)."""
+    """This process's part of a tensor: its shard of a DTensor or of a DeepSpeed ZeRO-3 parameter."""
+    if hasattr(tensor, "ds_tensor"):
+        return tensor.ds_tensor
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
@@ -158,11 +169,15 @@ def load_full_state(
 
 
 def full_weights(module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Every weight of a sharded module, on the main process (a collective), a tied weight under its first
-    name only, as an unsharded module saves it; None for an unsharded module."""
+    """Every weight of a sharded module, on the main process (a collective); None for an unsharded module."""
     if not is_sharded(module):
         return None
-    weights = cast(dict[str, torch.Tensor], get_model_state_dict(module, options=FULL))
+    return untied(module, cast(dict[str, torch.Tensor], get_model_state_dict(module, options=FULL)))
+
+
+def untied(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`module`'s gathered `weights` with a tied weight under its first name only, as an unsharded module
+    saves it."""
     first: dict[int, str] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         first.setdefault(id(tensor), name)

@@ -6,7 +6,6 @@ held-out evaluation (`evaluation/`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
@@ -35,6 +33,7 @@ from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
 from prospect.engine.checks import check_run_options, check_sharding, check_trackers
 from prospect.engine.heads import HEADS, RunContext
+from prospect.engine.launch import accumulating, make_accelerator
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
 from prospect.engine.rundir import RunDir
@@ -44,7 +43,7 @@ from prospect.io import write_text_atomic
 from prospect.losses import get_loss
 from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model, prepare_for_training, with_lora
-from prospect.models.precision import cpu_only, use_bf16, warn_of_bf16_ties
+from prospect.models.precision import use_bf16, warn_of_bf16_ties
 from prospect.models.reference import (
     AdapterReference,
     FrozenReference,
@@ -72,8 +71,8 @@ class Trainer:
         self.params = self.spec.make_params(config.loss, f"{config.source}: loss")
         self.head = HEADS[self.spec.model]
         self.check_options()
-        # With no GPU, multi-process launches (torchrun, accelerate launch) run DDP over gloo on the CPU.
-        self.accelerator = Accelerator(log_with=self.trackers(), project_dir=t.output_dir, cpu=cpu_only())
+        # With no GPU, multi-process launches run over gloo on the CPU (DDP, FSDP2 or DeepSpeed ZeRO).
+        self.accelerator = make_accelerator(t, log_with=self.trackers(), project_dir=t.output_dir)
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.fsdp_on_cpu = fsdp_on_cpu(self.accelerator)  # sharded by prospect: accelerate will not on CPU
         check_sharding(self.sharded or self.fsdp_on_cpu, config.model)
@@ -358,10 +357,7 @@ class Trainer:
         )
         stats = StepStats()
         for m, batch in enumerate(batches):
-            sync = (
-                contextlib.nullcontext() if m == len(batches) - 1 else self.accelerator.no_sync(self.policy)
-            )
-            with sync:
+            with accumulating(self.accelerator, self.policy, last=m == len(batches) - 1):
                 loss = self.microbatch_loss(batch, stats) * self.world / units
                 self.accelerator.backward(loss)
         metrics = stats.reduce(lambda x: self.accelerator.reduce(x.to(self.device), "sum").cpu())

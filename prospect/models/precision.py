@@ -4,7 +4,6 @@ weights that mean the same in bf16 as in fp32."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -32,13 +31,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def cpu_only() -> bool:
-    """No accelerator: every process runs on the CPU, and multi-process launches run over gloo (DDP, or FSDP2
-    sharded by prospect, see engine/sharding.py)."""
-    if torch.accelerator.is_available():
-        return False
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        log.warning("DeepSpeed needs GPUs; with none here the processes run DDP over gloo on the CPU")
-    return True
+    """No accelerator: every process runs on the CPU, and multi-process launches run over gloo (DDP, FSDP2
+    sharded by prospect, or DeepSpeed ZeRO; see engine/launch.py)."""
+    return not torch.accelerator.is_available()
 
 
 def autocast_linears(model: nn.Module) -> list[nn.Linear]:
