@@ -38,7 +38,22 @@ import torch
 LR, BETA, BATCH = 1e-6, 0.1, 8
 
 
-KNOWN_BF16_PEAK = 1032.0  # GFLOP/s per thread, 2026-11-30 on this 2-core host (2,064 on both cores)
+# Best bf16 matmul GFLOP/s per thread measured on this project's hosts, by the CPU's bf16 instructions: the
+# host changes between sessions (2,064 on two cores on a host with 7x bf16/fp32, as AMX gives; 440 on an AMD EPYC
+# with AVX512-BF16 and no AMX, 2026-11-30).
+KNOWN_BF16_PEAK = {"amx": 1032.0, "avx512_bf16": 220.0}
+
+
+def cpu_kind() -> tuple[str, str]:
+    """(the CPU's model name, its fastest bf16 instructions: amx, avx512_bf16 or none)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?"
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
+    return model, "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, trials: int = 5) -> float:
@@ -62,7 +77,7 @@ def matmul_peak(dtype: torch.dtype) -> float:
     peak = 0.0
     for _ in range(3):
         peak = max(matmul_gflops(n, n, n, dtype) for n in (1024, 2048, 4096))
-        known = KNOWN_BF16_PEAK * torch.get_num_threads()
+        known = KNOWN_BF16_PEAK.get(cpu_kind()[1], 0.0) * torch.get_num_threads()
         if dtype != torch.bfloat16 or peak > 0.6 * known:
             return peak
         print(f"bf16 peak {peak:.0f} GFLOP/s, far below {known:.0f}: measuring again", file=sys.stderr)
@@ -428,7 +443,7 @@ def report(args: argparse.Namespace, peaks: dict, results: dict, loads: dict) ->
     print(
         f"\n{args.job.upper()}, SmolLM2-135M, batch {BATCH}, max length {args.max_length}, {args.steps} steps "
         f"(first excluded), {torch.get_num_threads()} threads; bf16 matmul peak {peaks['bf16']:.0f} GFLOP/s "
-        f"(known {KNOWN_BF16_PEAK * torch.get_num_threads():.0f}), fp32 {peaks['fp32']:.0f}; the model's own bf16 shapes at "
+        f"(known {KNOWN_BF16_PEAK.get(cpu_kind()[1], 0.0) * torch.get_num_threads():.0f} on {' / '.join(cpu_kind())}), fp32 {peaks['fp32']:.0f}; the model's own bf16 shapes at "
         f"{mean_tokens:.0f} rows reach {roofline:.0f} GFLOP/s"
     )
     header = (
