@@ -302,26 +302,16 @@ def run_trl(job: str, data: Path, max_length: int, steps: int, out: Path, option
     if "nockpt" in options:
         common["gradient_checkpointing"] = False
     timer.begin()  # setup: the trainer's construction up to its first step (TRL may precompute in either)
-    if job == "kto":
-        from trl import KTOConfig, KTOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-        trainer = KTOTrainer(
-            model=model,
-            ref_model=reference,
-            args=KTOConfig(**common),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
-    else:
-        from trl import DPOConfig, DPOTrainer
-
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=reference,
-            args=DPOConfig(**common),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+    config_class, trainer_class = (KTOConfig, KTOTrainer) if job == "kto" else (DPOConfig, DPOTrainer)
+    trainer = trainer_class(
+        model=model,
+        ref_model=reference,
+        args=config_class(**common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
