@@ -44,6 +44,7 @@ LR, BETA, BATCH = 1e-6, 0.1, 8
 KNOWN_BF16_PEAK = {"amx": 1032.0, "avx512_bf16": 220.0}
 
 
+@functools.cache
 def cpu_kind() -> tuple[str, str]:
     """(the CPU's model name, its fastest bf16 instructions: amx, avx512_bf16 or none)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prospect.engine.sharding import full_state, full_weights, load_full_state, local, untied
+from prospect.engine.sharding import assign, full_state, full_weights, load_full_state, local, untied
 from prospect.errors import UserError
 from prospect.io import write_json
 
@@ -165,19 +165,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Every parameter, by name."""
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, str(path))
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    tensors = load_file(str(path))
-    wanted = dict(model.named_parameters())
-    if set(tensors) != set(wanted):
-        raise ValueError(f"{path}: checkpoint weights do not match the model's parameters")
-    with torch.no_grad():
-        for name, param in wanted.items():
-            param.copy_(tensors[name])
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path))
 
 
 def save_optimizer(state: dict[str, Any], directory: Path) -> None:
@@ -286,13 +275,11 @@ class Checkpointer:
             weights, optimizer_state = full_state(acc.unwrap_model(self.policy), self.raw_optimizer())
         if acc.is_main_process:
             if not self.sharded:
-                save_file(
-                    {n: t.contiguous().cpu() for n, t in weights.items()}, str(tmp / "model.safetensors")
-                )
+                save_tensors(weights, tmp / "model.safetensors")
                 save_optimizer(optimizer_state, tmp)
             fault("checkpoint-write", step)
             if self.refreshed_reference is not None:
-                save_weights(self.refreshed_reference, tmp / "reference.safetensors")
+                save_tensors(dict(self.refreshed_reference.named_parameters()), tmp / "reference.safetensors")
             write_json(tmp / "scheduler.json", self.scheduler.state_dict())
         acc.wait_for_everyone()
         save_rng(tmp / f"rng-{acc.process_index}.safetensors")
@@ -328,15 +315,12 @@ class Checkpointer:
         if self.sharded:
             self.acc.load_state(str(path / SHARDED_STATE))
         else:
-            weights = load_file(str(path / "model.safetensors"))
-            try:
-                load_full_state(
-                    self.acc.unwrap_model(self.policy), self.raw_optimizer(), weights, read_optimizer(path)
-                )
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from error
+            saved = path / "model.safetensors"
+            module, optimizer = self.acc.unwrap_model(self.policy), self.raw_optimizer()
+            load_full_state(module, optimizer, load_file(str(saved)), read_optimizer(path), str(saved))
         if self.refreshed_reference is not None:
-            load_weights(self.refreshed_reference, path / "reference.safetensors")
+            saved = path / "reference.safetensors"
+            assign(dict(self.refreshed_reference.named_parameters()), load_file(str(saved)), str(saved))
         self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         load_rng(path / f"rng-{self.acc.process_index}.safetensors")
         self.load_loop_state(state.get("extra", {}))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 from transformers.integrations import unset_hf_deepspeed_config
 
@@ -28,7 +28,7 @@ def make_accelerator(train: TrainConfig, **kwargs: Any) -> Accelerator:
     """DeepSpeed on CPU processes: accelerate 1.15 finds no backend without a GPU and would make each process a
     world of one (`AcceleratorState`: backend None, so num_processes 1, yet DistributedType.DEEPSPEED); the
     process group is set up over gloo first, and `cpu=True`, which turns DeepSpeed off, is not passed."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UserError('a DeepSpeed launch needs deepspeed: pip install -e ".[deepspeed]"')
     if deepspeed and cpu_only() and "LOCAL_RANK" in os.environ:

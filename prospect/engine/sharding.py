@@ -10,13 +10,12 @@ the main process, in the same files as an unsharded run.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -33,8 +32,10 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def fsdp_on_cpu(accelerator: Accelerator) -> bool:
     """An FSDP launch (`configs/accelerate/fsdp.yaml`, or ACCELERATE_USE_FSDP=true) on CPU processes."""
-    requested = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    return requested and accelerator.distributed_type == DistributedType.MULTI_CPU
+    return (
+        parse_flag_from_env("ACCELERATE_USE_FSDP")
+        and accelerator.distributed_type == DistributedType.MULTI_CPU
+    )
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:
@@ -49,7 +50,7 @@ def shard(module: nn.Module) -> None:
     """Shard each block, then the rest of `module` (embeddings, final norm, output projection), in place.
     `FSDP_RESHARD_AFTER_FORWARD=false` (accelerate's `fsdp_reshard_after_forward`) keeps gathered blocks
     until the backward, like ZeRO-2."""
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    reshard = parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", default=True)
     found = blocks(module)
     if not found:
         raise ValueError(f"{type(module).__name__}: no transformer blocks (_no_split_modules) to shard")
@@ -94,7 +95,7 @@ def gathered(module: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+        reshard = parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", default=True)
         for unit in units:
             unit.set_reshard_after_forward(reshard, recurse=False)
             unit.reshard()
@@ -144,15 +145,11 @@ def load_full_state(
     optimizer: torch.optim.Optimizer,
     weights: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
+    source: str,
 ) -> None:
-    """The inverse of `full_state`; every process passes the full dicts."""
+    """The inverse of `full_state`; every process passes the full dicts, read from `source`."""
     if not is_sharded(module):
-        wanted = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        if set(weights) != set(wanted):
-            raise ValueError("checkpoint weights do not match the model's trainable parameters")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                wanted[name].copy_(tensor)
+        assign({n: p for n, p in module.named_parameters() if p.requires_grad}, weights, source)
         optimizer.load_state_dict(optimizer_state)
         return
     names = optimized_names(module, optimizer)
@@ -166,6 +163,15 @@ def load_full_state(
         ],
     }
     set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def assign(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into the parameters of the same names, which must be exactly these."""
+    if set(tensors) != set(params):
+        raise ValueError(f"{source}: the weights do not match the model's parameters")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
 
 
 def full_weights(module: nn.Module) -> dict[str, torch.Tensor] | None:
