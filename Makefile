@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch: pip finds 2.13.0 on this machine's disk. Elsewhere pass e.g.
-#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# torch is installed first, from a wheel already on disk where pip has one (pip's find-links, as on this
+# project's machines); otherwise from the indexes, and with no NVIDIA GPU (no nvidia-smi) PyTorch's CPU index
+# is added, whose 2.13.0+cpu pip prefers to PyPI's multi-GB CUDA build. Another build: TORCH="torch==... --index-url ...".
 TORCH ?= torch==2.13.0
+CPU_INDEX := $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu)
 # The dev extra includes deepspeed (the tests run ZeRO on two CPU processes); DS_BUILD_OPS=0 builds none of its
 # ops, so no compiler is needed.
 
@@ -16,7 +18,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-index --no-deps $(TORCH) 2>/dev/null \
+	  || $(BIN)/pip install --quiet --disable-pip-version-check $(CPU_INDEX) $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)  # its dependencies, from the usual indexes
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 

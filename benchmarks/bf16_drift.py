@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prospect.config import load_config
 from prospect.data import tasks
 from prospect.data.batching import pad
 from prospect.engine.trainer import StepResult, Trainer
 from prospect.models.precision import round_to_bf16
+from prospect.recipe import load_config
 from tests.helpers import build_tokenizer, dequantized_model
 
 

@@ -90,14 +90,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", choices=["kto", "dpo"], default="kto")
     parser.add_argument("--max-length", type=int, default=128)
+    trl_compare.add_task_argument(parser)
     parser.add_argument("--library", default="prospect+packed+cached")
     parser.add_argument("--json", help="also write the table here")
+    parser.add_argument("--top", type=int, default=0, help="also list the operators that took most time")
     args = parser.parse_args()
     trl_compare.Timer = ProfiledTimer  # type: ignore[misc]
     name, *options = args.library.split("+")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
-        trl_compare.build_data(args.job, args.max_length, trl_compare.BATCH * 8, data)
+        trl_compare.write_job_data(args.task, args.job, args.max_length, trl_compare.BATCH * 8, data)
         run = trl_compare.run_trl if name == "trl" else trl_compare.run_prospect
         run(args.job, data, args.max_length, 3, Path(tmp) / "out", set(options))
     timer = ProfiledTimer.current
@@ -112,9 +114,14 @@ def main() -> None:
     step = timer.times[1]
     seconds["outside operators (Python, framework)"] = max(0.0, step - sum(seconds.values()))
     total = sum(seconds.values())
-    print(f"\n{args.library}, {args.job.upper()} {args.max_length}: step {step:.2f} s under the profiler")
+    print(
+        f"\n{args.library}, {args.job.upper()} {args.task} {args.max_length}: step {step:.2f} s under the profiler"
+    )
     for key, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
         print(f"  {key:>46} {value:>7.2f} s {100 * value / total:>5.1f}%")
+    events = sorted(timer.done.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    for event in events[: args.top]:
+        print(f"  {event.key:>46} {event.self_cpu_time_total / 1e6:>7.2f} s {event.count:>6} calls")
     if args.json:
         Path(args.json).write_text(json.dumps({"step_seconds": step, "classes": seconds}, indent=1))
 

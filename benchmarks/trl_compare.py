@@ -127,6 +127,37 @@ def wait_until_quiet(limit: float, timeout: float = 600.0) -> float:
     return os.getloadavg()[0]
 
 
+def build_arithmetic(job: str, rows: int, path: Path) -> None:
+    """The short job: arithmetic prompts from prospect's built-in task (about 70 tokens with the chat template)
+    and worked answers; for KTO a right answer is desirable and a wrong one not, for DPO right is chosen."""
+    from prospect.data.tasks import rows as task_rows
+
+    rng = random.Random(0)
+    problems = task_rows("arithmetic", [1, 2, 3], "train")
+    rng.shuffle(problems)
+
+    def answer(row: dict, right: bool) -> list[dict]:
+        value = int(row["answer"]) + (0 if right else rng.choice([-10, -2, -1, 1, 2, 10]))
+        question = row["prompt"][0]["content"].splitlines()[-1].rstrip(" =")
+        return [{"role": "assistant", "content": f"{question} = {value}. Answer: {value}"}]
+
+    with open(path, "w") as handle:
+        for i, problem in enumerate(problems[:rows]):
+            row, right = problem.values, i % 2 == 0
+            if job == "kto":
+                out = {"prompt": row["prompt"], "completion": answer(row, right), "label": right}
+            else:
+                out = {"prompt": row["prompt"], "chosen": answer(row, True), "rejected": answer(row, False)}
+            handle.write(json.dumps(out) + "\n")
+
+
+def write_job_data(task: str, job: str, max_length: int, rows: int, path: Path) -> None:
+    if task == "arithmetic":
+        build_arithmetic(job, rows, path)
+    else:
+        build_data(job, max_length, rows, path)
+
+
 def build_data(job: str, max_length: int, rows: int, path: Path) -> None:
     """VADER movie snippets as completions: 1-3 per completion for 128-token jobs, 3-16 for 512, so lengths
     vary the way real feedback does."""
@@ -155,6 +186,16 @@ def build_data(job: str, max_length: int, rows: int, path: Path) -> None:
                     "rejected": [{"role": "assistant", "content": completion()}],
                 }
             handle.write(json.dumps(row) + "\n")
+
+
+def add_task_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        choices=["vader", "arithmetic"],
+        default="vader",
+        help="vader: movie snippets as completions (lengths set by --max-length); arithmetic: the short job, "
+        "worked answers to the built-in arithmetic task, about 70 tokens",
+    )
 
 
 def model_dir() -> str:
@@ -200,8 +241,8 @@ def run_prospect(job: str, data: Path, max_length: int, steps: int, out: Path, o
     """options: 'packed' (padding-free rows; chosen and rejected share their prompt), 'lean' (gradient
     checkpointing), 'cached' (reference log-probs computed once before training; their time is reported
     apart), 'eager' or 'sdpa' (transformers' attention instead of prospect's: no shared prompts)."""
-    from prospect.config import load_config
     from prospect.engine.trainer import Trainer
+    from prospect.recipe import load_config
 
     timer = Timer()
     overrides = [
@@ -388,6 +429,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", choices=["kto", "dpo"], default="kto")
     parser.add_argument("--max-length", type=int, default=128)
+    add_task_argument(parser)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument(
         "--libraries",
@@ -411,7 +453,8 @@ def main() -> None:
     results, loads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
-        build_data(args.job, args.max_length, BATCH * (args.steps + 2) * 2, data)
+        rows = BATCH * (args.steps + 2) * 2
+        write_job_data(args.task, args.job, args.max_length, rows, data)
         for library in args.libraries.split(","):
             loads[library] = wait_until_quiet(args.max_load)
             command = [sys.executable, __file__, "--worker", library, "--job", args.job, "--data", str(data)]
@@ -432,7 +475,7 @@ def report(args: argparse.Namespace, peaks: dict, results: dict, loads: dict) ->
     mean_tokens = statistics.fmean(r["tokens_per_step"] for r in results.values()) if results else 0
     roofline = shape_roofline(round(mean_tokens)) if results else float("nan")
     print(
-        f"\n{args.job.upper()}, SmolLM2-135M, batch {BATCH}, max length {args.max_length}, {args.steps} steps "
+        f"\n{args.job.upper()} on {args.task}, SmolLM2-135M, batch {BATCH}, max length {args.max_length}, {args.steps} steps "
         f"(first excluded), {torch.get_num_threads()} threads; bf16 matmul peak {peaks['bf16']:.0f} GFLOP/s "
         f"(known {KNOWN_BF16_PEAK.get(cpu_kind()[1], 0.0) * torch.get_num_threads():.0f} on {' / '.join(cpu_kind())}), fp32 {peaks['fp32']:.0f}; the model's own bf16 shapes at "
         f"{mean_tokens:.0f} rows reach {roofline:.0f} GFLOP/s"

@@ -1,4 +1,4 @@
-"""Command line: `prospect train`, `prospect demo`, `prospect options`.
+"""Command line: `prospect train`, `prospect demo`, `prospect options`, ...
 
 User errors end with one line on stderr and exit code 2, never a traceback.
 """
@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from prospect.errors import UserError
 
@@ -34,19 +35,44 @@ def loss_options() -> str:
     return "\n".join(lines)
 
 
-def all_options() -> str:
-    from prospect.config import describe_options
+def all_options(only: list[str] | None = None) -> str:
+    """Every option, or those of the sections `only` ("loss": the losses and theirs)."""
+    from prospect.config import SECTIONS, describe_options
+    from prospect.options import suggest
 
-    return describe_options() + "\n" + loss_options()
+    for name in only or []:
+        if name not in SECTIONS and name != "loss":
+            raise UserError(
+                f"prospect options: unknown section '{name}'{suggest(name, [*SECTIONS, 'loss'])}; expected "
+                f"{', '.join([*SECTIONS, 'loss'])}"
+            )
+    parts = [describe_options(only or ())] if not only or set(only) - {"loss"} else []
+    return "\n".join(parts + ([loss_options()] if not only or "loss" in only else []))
+
+
+DESCRIPTION = (
+    "prospect aligns language models with feedback, on one engine: SFT, KTO, DPO, IPO, SimPO, ORPO and other "
+    "offline methods, reward models, PPO, best-of-N, and online loops (iterative KTO/DPO, ReST, ReST-EM, "
+    "Constitutional AI). A run is a YAML recipe plus section.key=value overrides."
+)
+EXAMPLES = """examples:
+  prospect demo                                   KTO on SmolLM2 with human ratings, a before/after report
+  prospect train -c recipes/kto_smollm2_vader.yaml data.train=feedback.jsonl loss.beta=0.2
+  prospect options train                          the train section's options, defaults and meanings
+  prospect COMMAND --help                         a command's own flags"""
+OPTIONS_HINT = """Every recipe option can also be given as section.key=value, e.g. train.learning_rate=1e-5 loss.beta=0.2.
+`prospect options` lists them all with their defaults and meanings; `prospect options eval` one section,
+`prospect options loss` the losses and theirs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prospect", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    epilog = (
-        "Any option below can be set in the recipe or as section.key=value, e.g. loss.beta=0.2\n\n"
-        "options:\n" + "\n".join("  " + line for line in all_options().splitlines())
+    parser = argparse.ArgumentParser(
+        prog="prospect",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("train", "train a policy or reward model with a recipe"),
         ("demo", "KTO on the embedded SmolLM2 and VADER data, with a before/after report"),
@@ -60,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            epilog=epilog,
+            epilog=OPTIONS_HINT,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name != "demo":
@@ -86,14 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom modelling code from the hub"
     )
-    commands.add_parser("options", help="list every option with its default and meaning")
+    options = commands.add_parser("options", help="list every option with its default and meaning")
+    options.add_argument(
+        "sections", nargs="*", metavar="SECTION", help="only these (model, data, train, ...)"
+    )
+    push = commands.add_parser(
+        "push",
+        help="publish a run's final/ model on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
+    )
+    push.add_argument("run", help="run directory: its final/ (weights, tokenizer, model card) is uploaded")
+    push.add_argument("--repo-id", required=True, help="hub model repo to create or update: owner/name")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    push.add_argument("--message", help="commit message")
     return parser
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
-        print(all_options())
+        print(all_options(args.sections))
+        return 0
+    if args.command == "push":
+        from prospect.engine.publish import push
+
+        print(f"pushed {args.run}: {push(Path(args.run), args.repo_id, args.public, args.message)}")
         return 0
     if args.command == "score":
         from prospect.rewards import score_file
@@ -103,7 +145,7 @@ def run(argv: list[str] | None = None) -> int:
         )
         print(f"scored {n} rows -> {args.output}")
         return 0
-    from prospect.config import load_config
+    from prospect.recipe import load_config
 
     overrides = list(args.overrides)
     if args.output_dir:

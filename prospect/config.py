@@ -1,19 +1,14 @@
-"""Run configuration: typed sections read from YAML, overridden by `section.key=value` arguments.
-
-Every option is declared once, with its help text, so `prospect train --help` documents them all.
-"""
+"""Run configuration: typed sections, each option declared once with its default, bounds and help text
+(`prospect options` lists them). prospect/recipe.py reads them from YAML and `section.key=value`
+arguments."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from prospect.errors import UserError
 from prospect.options import (
     AT_LEAST_ONE,
     FRACTION,
@@ -21,12 +16,8 @@ from prospect.options import (
     POSITIVE,
     SHARE,
     Bounds,
-    build_section,
     describe_section,
     opt,
-    parse_override,
-    plain_value,
-    suggest,
 )
 
 
@@ -34,8 +25,12 @@ from prospect.options import (
 class ModelConfig:
     name: str = opt(
         "smollm2",
-        "Policy to train: 'smollm2' (embedded SmolLM2-135M-Instruct), a local directory, a hub name, "
-        "or a .gguf file.",
+        "Policy to train: 'smollm2' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (embedded Gemma-3-270M "
+        "base, Gemma terms; no chat template), a local directory, a hub name, or a .gguf file.",
+    )
+    chat_template: str | None = opt(
+        None,
+        "Chat template for conversations (a base model has none): a Jinja file, chatml, zephyr or gemma.",
     )
     gguf_file: str | None = opt(None, "GGUF file inside `name` (a directory or hub repo) to load.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of `name`.")
@@ -65,17 +60,43 @@ class DataConfig:
     train: str = opt(
         "vader-movies",
         "Training data: 'vader-movies' (embedded human ratings), a .jsonl/.json/.parquet/.csv file, "
-        "a `datasets` directory, or a hub dataset name.",
+        "a `datasets` directory (save_to_disk, or the hub layout), or a hub dataset name. Several sources, "
+        "comma separated, are mixed; 'a.jsonl:3, b.jsonl:1' gives them shares of the mixture as TRL's "
+        "dataset mixtures do (the first rows of each, no source repeated).",
     )
     train_split: str = opt("train", "Split of `train` to use (for datasets with splits).")
-    eval: str | None = opt(None, "Held-out data for evaluation; defaults to `train` with `eval_split`.")
-    eval_split: str = opt("test", "Split used for held-out evaluation.")
+    subset: str | None = opt(
+        None, "Config (subset) of a hub dataset or a folder in the hub layout: load_dataset(path, subset)."
+    )
+    eval: str | None = opt(
+        None,
+        "Held-out data for evaluation; defaults to `train` with `eval_split`. Data without splits given "
+        "here is used whole.",
+    )
+    eval_split: str = opt(
+        "test",
+        "Split used for held-out evaluation; 'held-out': the share of `train_split` chosen by a hash of the "
+        "prompt (data.held_out_percent), never trained on. Data with no splits (one file, a dataset saved "
+        "without splits) evaluated on itself always uses that share.",
+    )
+    held_out_percent: float = opt(
+        10.0,
+        "Percent of the prompts set aside for evaluation, by a hash of the prompt, when the held-out share "
+        "is used (see eval_split).",
+        bounds=Bounds(0, 100, low_open=True, high_open=True),
+    )
     format: str = opt(
         "auto",
         "Row format: 'unpaired' {prompt, completion, label}, 'paired' {prompt, chosen, rejected}, "
         "'rated' {prompt, completion, rating}, 'ranked' {prompt, ranking: [best, ..., worst]}, "
-        "'completions' {prompt, completion}, or 'auto' to detect from the fields.",
-        ("auto", "unpaired", "paired", "rated", "ranked", "completions"),
+        "'completions' {prompt, completion}, 'text' {text}, 'messages' {messages}, or 'auto' to detect "
+        "from the fields. docs/formats.md lists them all.",
+        ("auto", "unpaired", "paired", "rated", "ranked", "completions", "text", "messages"),
+    )
+    assistant_only_loss: bool = opt(
+        True,
+        "SFT on {messages}: the loss covers the assistant messages only (TRL's assistant_only_loss); "
+        "false: every token of the conversation.",
     )
     rating_min: float | None = opt(
         None, "Rated rows: the lowest valid rating (a rating below it is an error)."
@@ -108,7 +129,7 @@ class DataConfig:
         128, "Prompts longer than this keep their last tokens, when truncating.", bounds=AT_LEAST_ONE
     )
     truncation: bool = opt(True, "Truncate long examples; when false, a too-long example is an error.")
-    limit: int = opt(0, "Use at most this many training rows (0: all).", bounds=NON_NEGATIVE)
+    limit: int = opt(0, "Use at most this many training rows of each source (0: all).", bounds=NON_NEGATIVE)
 
 
 @dataclass
@@ -150,6 +171,10 @@ class TrainConfig:
         10, "Print a metrics line every N steps (every step goes to metrics.jsonl).", bounds=AT_LEAST_ONE
     )
     report_to: str = opt("none", "Trackers accelerate supports, comma separated (tensorboard, wandb, ...).")
+    push_to_hub: str | None = opt(
+        None,
+        "Hub repo (owner/name) to push final/ to at the end of the run, private if new; as `prospect push`.",
+    )
     reference: str = opt(
         "auto",
         "Reference model: 'copy' (frozen copy of the initial policy), 'adapter' (LoRA disabled, needs lora_r > 0), "
@@ -207,6 +232,10 @@ class TrainConfig:
     )
 
 
+BEST_METRICS: tuple[str, ...] = ("none", "eval_loss", "judge_mean", "positive_fraction")  # eval.best_metric
+BEST_METRICS += ("pair_accuracy", "pearson_r", "sign_accuracy")  # of reward models
+
+
 @dataclass
 class EvalConfig:
     num_prompts: int = opt(
@@ -230,6 +259,19 @@ class EvalConfig:
     batch_size: int = opt(32, "Prompts per generation batch.", bounds=AT_LEAST_ONE)
     show: int = opt(3, "Example generations to print before and after.", bounds=NON_NEGATIVE)
     before: bool = opt(True, "Also evaluate before training (online rounds skip it after the first round).")
+    every: int = opt(
+        0,
+        "Evaluate every N steps and at the last (0: before and after only): the held-out loss on loss_rows "
+        "rows, and the sampled evaluation if num_prompts > 0; results in evals.jsonl and the trackers.",
+        bounds=NON_NEGATIVE,
+    )
+    loss_rows: int = opt(256, "Held-out rows for that held-out loss (0: none).", bounds=NON_NEGATIVE)
+    best_metric: str = opt(
+        "none", "With `every`: keep the model best by this in best/ (eval_loss: lowest).", BEST_METRICS
+    )
+    early_stopping_patience: int = opt(
+        0, "Stop after this many evaluations without a better best_metric (0: never).", bounds=NON_NEGATIVE
+    )
 
 
 @dataclass
@@ -251,7 +293,10 @@ class OnlineConfig:
         32, "Completions generated at once in rollouts, best-of-N and online rounds.", bounds=AT_LEAST_ONE
     )
     sampler: str = opt(
-        "hf", "Sampling backend: 'hf' (transformers generate) or 'vllm' (GPU, if installed).", ("hf", "vllm")
+        "prospect",
+        "Sampling backend: 'prospect' (a lean decoding loop: each prompt prefilled once for its samples, "
+        "stopped rows leave the batch), 'hf' (transformers generate) or 'vllm' (GPU, if installed).",
+        ("prospect", "hf", "vllm"),
     )
     keep: str = opt(
         "best",
@@ -365,78 +410,13 @@ class Config:
         return out
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML recipe (or the defaults), apply overrides and validate every value."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        file = resolve_recipe(path)
-        source = str(file)
-        try:
-            raw = yaml.load(file.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{file}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{file}: expected UTF-8 text") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{file}: expected a mapping of sections (model, data, loss, train, eval)")
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise UserError(f"{source}: section '{section}' must be a mapping")
-        raw[section][key] = value
-
-    config = Config(source=source)
-    for section, values in raw.items():
-        if section == "loss":
-            if not isinstance(values, dict):
-                raise UserError(f"{source}: section 'loss' must be a mapping with at least 'name'")
-            config.loss = {"name": "kto", **{key: plain_value(value) for key, value in values.items()}}
-            continue
-        if section not in SECTIONS:
-            raise UserError(f"{source}: unknown section '{section}'{suggest(section, [*SECTIONS, 'loss'])}")
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: section '{section}' must be a mapping")
-        setattr(config, section, build_section(SECTIONS[section], values, f"{source}: {section}"))
-    return config
-
-
-def resolve_recipe(path: str) -> Path:
-    """A recipe path, or the bare name of a file under recipes/ (`kto_vader` -> recipes/kto_vader.yaml)."""
-    file = Path(path)
-    if file.is_file():
-        return file
-    if file.is_dir():
-        raise UserError(f"{path}: is a directory; expected a YAML recipe file")
-    repo_recipes = Path(__file__).resolve().parent.parent / "recipes"
-    for candidate in (repo_recipes / path, repo_recipes / f"{path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"{path}: no such recipe file")
-
-
-def describe_options() -> str:
-    """Every option with its default and help, for `--help` (the loss's own options are listed by the CLI)."""
+def describe_options(only: typing.Collection[str] = ()) -> str:
+    """Each option (of the sections `only`, else all) with its default and help, for `prospect options` (the
+    loss's own options are listed by the CLI)."""
     lines = []
     for section, cls in SECTIONS.items():
+        if only and section not in only:
+            continue
         lines.append(f"{section}:")
         lines.extend(describe_section(section, cls))
     return "\n".join(lines)

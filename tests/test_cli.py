@@ -54,8 +54,8 @@ def test_recipe_errors_name_the_file(tmp_path, capsys):
     assert err == f"error: {recipe}: unknown section 'trian' (did you mean 'train'?)\n"
 
 
-def test_help_explains_every_option(capsys):
-    code, out, _ = run_cli(["train", "--help"], capsys)
+def test_options_explains_every_option(capsys):
+    code, out, _ = run_cli(["options"], capsys)
     assert code == 0
     import dataclasses
 
@@ -65,6 +65,22 @@ def test_help_explains_every_option(capsys):
             assert field.metadata["help"].split()[0] in out
     for name in ("loss.beta", "loss.desirable_weight", "loss.undesirable_weight"):
         assert name in out
+    code, out, _ = run_cli(["options", "eval"], capsys)
+    assert code == 0 and "eval.every = 0" in out and "train." not in out and "loss." not in out
+    code, out, err = run_cli(["options", "evl"], capsys)
+    assert code == 2 and err == (
+        "error: prospect options: unknown section 'evl' (did you mean 'eval'?); expected model, data, train, "
+        "eval, online, loop, loss\n"
+    )
+
+
+def test_help_says_what_prospect_does_and_train_help_is_its_own_flags(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "aligns language models with feedback" in out
+    assert all(f"    {command}" in out for command in ("train", "demo", "loop", "score", "options"))
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0 and "--config" in out and "--resume" in out and "`prospect options`" in out
+    assert "train.learning_rate = " not in out and len(out.splitlines()) < 30
 
 
 def test_train_from_the_command_line(tiny_model_dir, kto_file, tmp_path, capsys):
@@ -76,3 +92,34 @@ def test_train_from_the_command_line(tiny_model_dir, kto_file, tmp_path, capsys)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     code, _, err = run_cli(["train", *tiny_overrides(tiny_model_dir, kto_file, out)], capsys)
     assert code == 2 and "run directory exists" in err
+
+
+def test_an_unknown_tracker_is_one_line_listing_the_valid_ones(tiny_model_dir, kto_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *tiny_overrides(tiny_model_dir, kto_file, out), "train.report_to=tensorbord"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and not out.exists()
+    assert err.startswith(
+        "error: train.report_to=tensorbord: unknown tracker 'tensorbord' (did you mean 'tensorboard'?); "
+        "expected none or aim, clearml, comet_ml, dvclive, mlflow, "
+    )
+
+
+@pytest.mark.parametrize("installed", [[], ["tensorboard"]])
+def test_a_tracker_that_is_not_installed_is_an_error_not_a_warning(
+    installed, tiny_model_dir, kto_file, tmp_path, capsys, monkeypatch
+):
+    """accelerate would drop it with a warning and log nothing; prospect refuses before anything loads."""
+    import accelerate.tracking
+
+    from prospect.engine.checks import check_trackers
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: installed)
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["train", *tiny_overrides(tiny_model_dir, kto_file, out), "train.report_to=wandb"], capsys
+    )
+    assert code == 2 and not out.exists()
+    assert err == "error: train.report_to=wandb: tracker 'wandb' is not installed (pip install wandb)\n"
+    if installed:
+        assert check_trackers("tensorboard, none") == ["tensorboard"]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from prospect.config import load_config
 from prospect.errors import UserError
 from prospect.losses import get_loss
+from prospect.recipe import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

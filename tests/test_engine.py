@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prospect.config import load_config
 from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
+from prospect.recipe import load_config
 from tests.helpers import tiny_overrides
 
 
@@ -44,7 +44,8 @@ def test_kto_raises_desirable_and_lowers_undesirable(tiny_model_dir, kto_file, t
     assert first["loss"] == pytest.approx(0.5)  # policy == reference at step 0: KTO = 0.5 * lambda
     assert last["rewards/desirable"] > 0 > last["rewards/undesirable"]
     for key in (
-        "kl",
+        "kl_estimate_raw",
+        "reference_point",
         "rewards/desirable",
         "rewards/undesirable",
         "count/desirable",
@@ -54,6 +55,11 @@ def test_kto_raises_desirable_and_lowers_undesirable(tiny_model_dir, kto_file, t
         "tokens_per_s",
     ):
         assert key in first
+    # The logged reference point is what the loss used: the raw mismatched-pairs estimate clamped at 0 (one
+    # microbatch per step here), and the raw one is logged as it is, negative or not.
+    records = [json.loads(line) for line in lines]
+    assert all(r["reference_point"] == pytest.approx(max(r["kl_estimate_raw"], 0.0)) for r in records)
+    assert any(r["kl_estimate_raw"] != r["reference_point"] for r in records)
 
 
 @pytest.mark.parametrize("loss", ["kto_zero", "kto_logsigmoid"])
@@ -69,7 +75,7 @@ def test_kto_variants_train_in_the_right_direction(loss, tiny_model_dir, kto_fil
     desirable_after, undesirable_after = mean_logps(trainer)
     assert desirable_after > desirable_before + 1.0 and undesirable_after < undesirable_before - 1.0
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert ("kl" in first) == (loss != "kto_zero")
+    assert ("kl_estimate_raw" in first) == ("reference_point" in first) == (loss != "kto_zero")
     assert first["loss"] == pytest.approx(0.5 if loss == "kto_zero" else math.log(2))  # value(0) at step 0
 
 
@@ -86,6 +92,30 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir, kto_file, tmp_path):
     grads_small = [p.grad for p in small.policy.parameters()]
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_big, grads_small))
     assert sum(g.abs().sum() for g in grads_big) > 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_skipping_the_nan_fill_of_new_memory_changes_no_result(packed, tiny_model_dir, kto_file, tmp_path):
+    """Deterministic mode fills every new tensor with NaN unless told not to; the trainer turns the fill off
+    for speed. A kernel that read memory it had not written would give a different (NaN) result with it on."""
+    trainer = make_trainer(
+        tiny_model_dir, kto_file, tmp_path / "run",
+        **{"train.precision": "bf16", "train.padding_free": packed, "train.batch_size": 8},
+    )  # fmt: skip
+    assert torch.utils.deterministic.fill_uninitialized_memory is False  # type: ignore[attr-defined]
+    results = []
+    try:
+        for fill in (False, True):
+            torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+            trainer.policy.zero_grad(set_to_none=True)
+            metrics, _ = trainer.accumulate_gradients()
+            results.append((metrics["loss"], [p.grad.clone() for p in trainer.policy.parameters()]))
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert loss_off == loss_on and math.isfinite(loss_off)
+    assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on, strict=True))
+    assert sum(g.abs().sum() for g in grads_off) > 0
 
 
 def final_weights(run) -> dict[str, torch.Tensor]:

@@ -13,7 +13,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "prospect"
 # Lowest first. A module's layer is the first entry its dotted name starts with.
 LAYERS = [
-    ("base", ("prospect.errors", "prospect.options", "prospect.io", "prospect.assets", "prospect.config")),
+    (
+        "base",
+        (
+            "prospect.errors",
+            "prospect.options",
+            "prospect.io",
+            "prospect.assets",
+            "prospect.progress",
+            "prospect.config",
+            "prospect.recipe",
+        ),
+    ),
     ("data", ("prospect.data",)),
     ("models", ("prospect.models",)),
     ("rewards", ("prospect.rewards",)),

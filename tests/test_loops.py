@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from prospect.config import load_config
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
 from prospect.online.labellers import HTTPJudge, JudgeLabeller
 from prospect.online.rounds import run_loop
 from prospect.online.session import SamplingSession, nested_run
+from prospect.recipe import load_config
 from tests.helpers import tiny_overrides
 from tests.test_cli import run_cli
 from tests.test_labellers import StubJudge

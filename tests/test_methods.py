@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prospect.config import load_config
 from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
+from prospect.recipe import load_config
 from tests.helpers import paired_rows, tiny_overrides, unpaired_rows, write_jsonl
 
 PAIRED = ["dpo", "cdpo", "robust_dpo", "ipo", "hinge", "slic", "simpo", "orpo"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prospect.config import load_config
 from prospect.engine.factory import make_trainer
 from prospect.engine.ppo import PPOTrainer
 from prospect.errors import UserError
@@ -19,6 +18,7 @@ from prospect.losses.advantages import gae, whiten
 from prospect.losses.base import LossInputs, TokenInputs
 from prospect.losses.kl_control import KLController
 from prospect.losses.ppo import kl_penalty, policy_loss, value_loss
+from prospect.recipe import load_config
 from tests.helpers import tiny_overrides
 
 

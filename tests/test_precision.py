@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prospect.config import load_config
 from prospect.data.batching import pad
 from prospect.engine.trainer import Trainer
 from prospect.models.precision import autocast_linears, bf16_tie_fraction, round_to_bf16
+from prospect.recipe import load_config
 from tests.helpers import build_tokenizer, dequantized_model, tiny_overrides, unpaired_rows, write_jsonl
 
 STEPS, LR = 1, 5e-7  # one optimizer step, as in the report that found the problem

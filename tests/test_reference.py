@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prospect.config import load_config
 from prospect.data.batching import pad, sequence_key, step_indices
 from prospect.data.packing import pack
 from prospect.data.shapes import make_batch
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
+from prospect.recipe import load_config
 from tests.helpers import paired_rows, tiny_overrides, unpaired_rows, varied_paired_rows, write_jsonl
 
 

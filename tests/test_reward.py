@@ -11,12 +11,13 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from prospect.cli import main
-from prospect.config import ModelConfig, load_config
+from prospect.config import ModelConfig
 from prospect.data.batching import pad
 from prospect.engine.trainer import Trainer
 from prospect.losses import get_loss
 from prospect.losses.base import LossInputs
 from prospect.models.scalar_head import ScalarScorer, last_token_positions, load_reward_model, score_head
+from prospect.recipe import load_config
 from tests.helpers import paired_rows, tiny_overrides, write_jsonl
 
 

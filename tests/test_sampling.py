@@ -9,11 +9,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prospect.models.sampling import HFSampler, SamplingParams, stop_tokens
 
 
-@pytest.fixture(scope="module")
-def sampler(tiny_model_dir):
+@pytest.fixture(scope="module", params=["prospect", "hf"])
+def sampler(tiny_model_dir, request):
+    """Each test runs on both decoders: prospect's lean loop and transformers' generate."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return HFSampler(model, tokenizer, batch_size=3)
+    return HFSampler(model, tokenizer, batch_size=3, decoder=request.param)
 
 
 def prompts(tokenizer):

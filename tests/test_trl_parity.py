@@ -1,16 +1,14 @@
 """Per-example losses of DPO, IPO, KTO and SimPO against TRL's on the same tiny models and batches.
 
-Optional: skipped unless `trl` is installed (`pip install -e .[bench]`). TRL tokenizes and collates; the
-same token ids then go through prospect's log-prob code and losses, so the comparison covers both.
+TRL is in the dev extra, so these run with every test run (`make test`, CI): a missing `trl` fails them
+rather than skipping them. TRL tokenizes and collates; the same token ids then go through prospect's log-prob
+code and losses, so the comparison covers both.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-pytest.importorskip("trl")
-
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

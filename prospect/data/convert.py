@@ -7,6 +7,7 @@
 | rated          | label by thresholds             | same prompt, rating gap >= min gap     | above the threshold  |
 | ranked         | via its pairs                   | all K-choose-2 pairs                   | the best one         |
 | completions    | (no labels: error)              | (no labels: error)                     | as is                |
+| text, messages | (no labels: error)              | (no labels: error)                     | as is, or per turn   |
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import itertools
 import json
 import random
 from collections import defaultdict
+from typing import cast
 
 from prospect.config import DataConfig
-from prospect.data.formats import Example, Pair, Ranking, Text
+from prospect.data.formats import Example, Messages, Pair, Ranking, Text
 from prospect.errors import UserError
 
 
@@ -54,6 +56,12 @@ def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
             f"{cfg.train}: {kind} rows carry no preference; this loss needs pairs, rankings, "
             "ratings or labels"
         )
+    if not pairs and kind == "unpaired":
+        raise UserError(
+            f"{cfg.train}: the rows are unpaired (one labelled completion each) and no prompt has both a "
+            "desirable and an undesirable completion to pair; use an unpaired loss (kto, csft) or give "
+            "pairs {prompt, chosen, rejected}"
+        )
     if not pairs:
         raise UserError(
             f"{cfg.train}: no preference pairs could be built (pairs need two completions of the same "
@@ -87,18 +95,26 @@ def to_prompts(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Exam
     """The distinct prompts of any rows, in order, for online methods that sample their own completions."""
     seen, prompts = set(), []
     for item in parsed:
+        if not item.prompt:  # text rows, or conversations that open with the assistant
+            continue
         key = prompt_key(item.prompt)
         if key not in seen:
             seen.add(key)
             prompts.append(
                 Example(item.prompt, "", None, item.location, fields=getattr(item, "fields", None))
             )
+    if parsed and not prompts:
+        raise UserError(
+            f"{parsed[0].location}: {kind} rows have no prompts to sample from; expected {{prompt}}"
+        )
     return prompts
 
 
 def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
-    if kind == "completions":
+    if kind in ("completions", "text"):
         return list(parsed)
+    if kind == "messages":
+        return [turn for e in parsed for turn in assistant_turns(e, cfg.assistant_only_loss)]
     if kind == "unpaired":
         return [e for e in parsed if e.label]
     if kind == "rated":
@@ -110,6 +126,26 @@ def to_completions(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[
     raise UserError(
         f"{cfg.train}: prompts rows have no completions to imitate; SFT needs {{prompt, completion}}"
     )
+
+
+def assistant_turns(example: Example, only: bool) -> list[Example]:
+    """A conversation as SFT examples: one per assistant message, after the conversation before it (the
+    loss then covers the assistant turns alone, as TRL's assistant_only_loss), or, if not `only`, the whole
+    conversation as one completion with no prompt (every token)."""
+    conversation: Messages = [*cast(Messages, example.prompt), *cast(Messages, example.completion)]
+    if not only:
+        return [Example([], conversation, None, example.location, fields=example.fields)]
+    turns = [i for i, message in enumerate(conversation) if message["role"] == "assistant"]
+    return [
+        Example(
+            conversation[:i],
+            [conversation[i]],
+            None,
+            example.location if len(turns) == 1 else f"{example.location} (turn {i + 1})",
+            fields=example.fields,
+        )
+        for i in turns
+    ]
 
 
 def labelled(example: Example, cfg: DataConfig) -> Example:

@@ -1,11 +1,15 @@
 """Feedback rows in the shapes users collect, checked field by field and normalised.
 
-- unpaired (thumbs up/down): {prompt, completion, label: bool}
-- paired (comparisons): {prompt, chosen, rejected}; conversational pairs may leave the prompt implicit
-  as the shared opening messages of `chosen` and `rejected`
+- unpaired (thumbs up/down): {prompt, completion, label: bool or 0/1}; HALOs' binary feedback
+  {prompt, output, label} too
+- paired (comparisons): {prompt, chosen, rejected}; pairs may leave the prompt implicit as the longest
+  shared opening of `chosen` and `rejected` (TRL's extract_prompt); HALOs' pairwise feedback
+  {prompt, output_A, output_B, label} (label 1: A is preferred, 0: B is)
 - rated (scores, e.g. a mean of several raters): {prompt, completion, rating: number}
 - ranked (InstructGPT-style lists): {prompt, ranking: [best, ..., worst]}
 - completions (demonstrations, for SFT): {prompt, completion}
+- text and messages (TRL's language modelling, for SFT): {text} and {messages}; the prompt of a
+  conversation is everything before its last assistant message
 Text fields are strings (plain text) or lists of {role, content} messages (conversational).
 """
 
@@ -23,15 +27,18 @@ from prospect.errors import UserError, field_error
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]  # noqa: UP007 (a runtime alias)
 
-FORMATS = ("unpaired", "paired", "rated", "ranked", "completions", "prompts")
+FORMATS = ("unpaired", "paired", "rated", "ranked", "completions", "text", "messages", "prompts")
 FIELDS = {
     "unpaired": ("prompt", "completion", "label"),
     "paired": ("prompt", "chosen", "rejected"),
     "rated": ("prompt", "completion", "rating"),
     "ranked": ("prompt", "ranking"),
     "completions": ("prompt", "completion"),
+    "text": ("text",),
+    "messages": ("messages",),
     "prompts": ("prompt",),
 }
+HALOS_PAIR = ("prompt", "output_A", "output_B", "label")
 
 
 @dataclass
@@ -73,16 +80,19 @@ def detect_format(rows: list[Row], requested: str) -> str:
     if requested != "auto":
         return requested
     keys = set(rows[0].values)
-    if {"chosen", "rejected"} <= keys:
+    if {"chosen", "rejected"} <= keys or {"output_A", "output_B"} <= keys:
         return "paired"
     if "ranking" in keys:
         return "ranked"
-    if {"completion", "label"} <= keys:
+    if {"completion", "label"} <= keys or {"output", "label"} <= keys:
         return "unpaired"
     if {"completion", "rating"} <= keys:
         return "rated"
     if "completion" in keys:
         return "completions"
+    for kind in ("messages", "text"):
+        if kind in keys:
+            return kind
     if "prompt" in keys:
         return "prompts"
     shapes = "; ".join(f"{{{', '.join(f)}}} ({name})" for name, f in FIELDS.items())
@@ -91,35 +101,66 @@ def detect_format(rows: list[Row], requested: str) -> str:
     )
 
 
-def require(row: Row, kind: str) -> None:
-    for name in FIELDS[kind]:
+def require(row: Row, kind: str, names: tuple[str, ...] | None = None) -> None:
+    names = names or FIELDS[kind]
+    for name in names:
         if name not in row.values and not (kind == "paired" and name == "prompt"):
-            raise field_error(row.location, name, f"a value ({kind} rows have {', '.join(FIELDS[kind])})")
+            raise field_error(row.location, name, f"a value ({kind} rows have {', '.join(names)})")
 
 
 def parse_example(row: Row, kind: str) -> Example:
-    """An unpaired, rated, completions or prompts row."""
+    """An unpaired, rated, completions, text, messages or prompts row."""
+    if kind in ("text", "messages"):
+        return parse_language_modelling(row, kind)
     reject_mixed(row, "completion", "chosen")
-    require(row, kind)
     values = row.values
+    output = "output" if "output" in values and "completion" not in values else "completion"  # HALOs
+    require(row, kind, tuple(output if name == "completion" else name for name in FIELDS[kind]))
     label, rating = None, None
     if kind == "unpaired":
-        label = values["label"]
-        if not isinstance(label, bool):
-            raise field_error(row.location, "label", "a boolean (true or false)", label)
+        label = binary(row, "label")
     if kind == "rated":
         rating = number(row, "rating", values["rating"])
     prompt = check_text(row, "prompt", values["prompt"])
-    fields = {k: v for k, v in values.items() if k not in ("prompt", "completion")}
+    fields = {k: v for k, v in values.items() if k not in ("prompt", output)}
     if kind == "prompts":
         return Example(prompt, "", None, row.location, None, fields)
-    completion = check_text(row, "completion", values["completion"], completion=True)
+    completion = check_text(row, output, values[output], completion=True)
     prompt, completion = align_kinds(prompt, completion)
     return Example(prompt, completion, label, row.location, rating, fields)
 
 
+def binary(row: Row, name: str) -> bool:
+    """A label: a boolean, or the integer 0 or 1."""
+    value = row.values[name]
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise field_error(row.location, name, "a boolean (true or false) or 0/1", value)
+
+
+def parse_language_modelling(row: Row, kind: str) -> Example:
+    """{text}: every token is trained on. {messages}: the prompt is everything before the last assistant
+    message, and convert.py decides which turns carry the loss."""
+    require(row, kind)
+    value = row.values[kind]
+    fields = {k: v for k, v in row.values.items() if k != kind}
+    if kind == "text":
+        if not isinstance(value, str):
+            raise field_error(row.location, "text", "text (conversations go in a 'messages' field)", value)
+        return Example("", check_text(row, "text", value), None, row.location, fields=fields)
+    if not isinstance(value, list):
+        raise field_error(row.location, "messages", "a list of {role, content} messages", value)
+    check_text(row, "messages", value, completion=True)
+    turns = [i for i, message in enumerate(value) if message["role"] == "assistant"]
+    if not turns:
+        raise field_error(row.location, "messages", "at least one message with role 'assistant'", value)
+    return Example(value[: turns[-1]], value[turns[-1] :], None, row.location, fields=fields)
+
+
 def parse_paired(row: Row) -> Pair:
     values = row.values
+    if "output_A" in values and "chosen" not in values:
+        return parse_halos_pair(row)
     reject_mixed(row, "chosen", "completion")
     require(row, "paired")
     chosen = check_text(row, "chosen", values["chosen"], completion="prompt" in values)
@@ -136,6 +177,19 @@ def parse_paired(row: Row) -> Pair:
         if margin < 0:
             raise field_error(row.location, "margin", "a number >= 0 (how much better chosen is)", margin)
     return Pair(prompt, chosen, rejected, row.location, margin)
+
+
+def parse_halos_pair(row: Row) -> Pair:
+    """HALOs' pairwise feedback: label 1 means output_A is preferred, 0 that output_B is."""
+    require(row, "paired", HALOS_PAIR)
+    values = row.values
+    prompt = check_text(row, "prompt", values["prompt"])
+    a = check_text(row, "output_A", values["output_A"], completion=True)
+    b = check_text(row, "output_B", values["output_B"], completion=True)
+    chosen, rejected = (a, b) if binary(row, "label") else (b, a)
+    prompt, chosen = align_kinds(prompt, chosen)
+    _, rejected = align_kinds(prompt, rejected)
+    return Pair(prompt, chosen, rejected, row.location)
 
 
 def number(row: Row, name: str, value: Any) -> float:
@@ -210,17 +264,22 @@ def align_kinds(prompt: Text, completion: Text) -> tuple[Text, Text]:
     return prompt, completion
 
 
-def split_implicit_prompt(row: Row, chosen: Text, rejected: Text) -> tuple[Messages, Messages, Messages]:
-    if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise field_error(row.location, "prompt", "a value (only conversational pairs may leave it implicit)")
+def split_implicit_prompt(row: Row, chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """The longest shared opening of chosen and rejected is the prompt, compared message by message for
+    conversations and character by character for text, as TRL's extract_prompt does (for text, a space
+    before the first difference goes with the completions)."""
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise field_error(row.location, "prompt", "a value (chosen and rejected are not of one kind)")
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
+    if isinstance(chosen, str) and 0 < shared < min(len(chosen), len(rejected)) and chosen[shared - 1] == " ":
+        shared -= 1
     if shared == 0 or shared == len(chosen) or shared == len(rejected):
         raise field_error(
             row.location,
             "prompt",
-            "a value, or chosen/rejected sharing their opening messages and differing after",
+            "a value, or chosen and rejected sharing an opening (the prompt) and differing after it",
         )
     return chosen[:shared], chosen[shared:], rejected[shared:]
 

@@ -29,9 +29,9 @@ class SegmentLayout:
     rows: tuple[tuple[Span, ...], ...]
     masks: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def additive_mask(self, width: int, device: torch.device) -> torch.Tensor:
-        """[rows, 1, width, width] fp32: 0 where a token may attend, the fp32 minimum elsewhere."""
-        key = (width, device)
+    def allowed_mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """[rows, 1, width, width] bool: True where a token may attend."""
+        key = ("allowed", width, device)
         if key not in self.masks:
             allowed = torch.zeros(len(self.rows), width, width, dtype=torch.bool, device=device)
             for r, spans in enumerate(self.rows):
@@ -42,8 +42,16 @@ class SegmentLayout:
                     ).tril()
                     if s.prefix_length:
                         allowed[r, s.start : end, s.prefix_start : s.prefix_start + s.prefix_length] = True
+            self.masks[key] = allowed.unsqueeze(1)
+        return self.masks[key]
+
+    def additive_mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """[rows, 1, width, width] fp32: 0 where a token may attend, the fp32 minimum elsewhere."""
+        key = ("additive", width, device)
+        if key not in self.masks:
+            allowed = self.allowed_mask(width, device)
             mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
-            self.masks[key] = mask.masked_fill_(~allowed, torch.finfo(torch.float32).min).unsqueeze(1)
+            self.masks[key] = mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         return self.masks[key]
 
     @property

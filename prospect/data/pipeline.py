@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 
 from prospect.config import DataConfig
 from prospect.data.convert import to_prompts
-from prospect.data.formats import Example, Pair, Ranking, parse_rows
+from prospect.data.formats import Example, Pair, Ranking
 from prospect.data.shapes import SHAPES, DataShape
-from prospect.data.sources import read_rows
+from prospect.data.splits import Parsed, evaluation_data, training_data
 from prospect.data.tokenize import Encoded, EncodedGroup, EncodedPair, EncodedPrompt, Encoder, TrainingItem
-from prospect.errors import field_error
+from prospect.errors import UserError, field_error
 
 log = logging.getLogger(__name__)
 
@@ -24,25 +25,41 @@ class TrainingData:
     truncated: int
 
 
-def read_training(cfg: DataConfig, needs: DataShape, seed: int) -> list[Example] | list[Pair] | list[Ranking]:
-    """Read, check and convert every training row (no tokenizer needed, so bad data fails fast)."""
-    return SHAPES[needs].convert(*read_parsed(cfg), cfg, seed)
+def read_training(
+    cfg: DataConfig, needs: DataShape, seed: int, evaluating: bool = False
+) -> list[Example] | list[Pair] | list[Ranking]:
+    """Read, check and convert every training row (no tokenizer needed, so bad data fails fast). When
+    `evaluating`, rows held out for evaluation are left out (splits.py)."""
+    parts = [SHAPES[needs].convert(kind, parsed, cfg, seed) for kind, parsed in read_parsed(cfg, evaluating)]
+    if len(parts) == 1:
+        return parts[0]
+    mixed = [item for part in parts for item in part]
+    random.Random(seed).shuffle(mixed)  # a mixture's sources interleaved, whatever order batches take
+    return mixed
 
 
-def read_prompts(cfg: DataConfig, seed: int) -> list[Example]:
+def read_prompts(cfg: DataConfig, seed: int, evaluating: bool = False) -> list[Example]:
     """The distinct prompts of the training rows (read_training's "prompts" shape), to sample from."""
-    return to_prompts(*read_parsed(cfg), cfg, seed)
+    return to_prompts(*one_format(read_parsed(cfg, evaluating), cfg.train, any_format=True), cfg, seed)
 
 
-def read_parsed(cfg: DataConfig) -> tuple[str, list]:
-    """(format, parsed rows) of the training data, ratings checked."""
-    rows = read_rows(cfg.train, cfg.train_split)
-    if cfg.limit > 0:
-        rows = rows[: cfg.limit]
-    kind, parsed = parse_rows(rows, cfg.format)
-    if kind == "rated":
-        check_ratings(parsed, cfg)
-    return kind, parsed
+def read_parsed(cfg: DataConfig, evaluating: bool = False) -> list[Parsed]:
+    """(format, parsed rows) of each training source, ratings checked."""
+    parts = training_data(cfg, evaluating)
+    for kind, parsed in parts:
+        if kind == "rated":
+            check_ratings(parsed, cfg)
+    return parts
+
+
+def one_format(parts: list[Parsed], spec: str, any_format: bool = False) -> Parsed:
+    """The rows of several sources as one (format, parsed rows); prompts may come from rows of any format."""
+    kinds = sorted({kind for kind, _ in parts})
+    if len(kinds) > 1 and not any_format:
+        raise UserError(
+            f"{spec}: the sources hold rows of different formats ({', '.join(kinds)}); expected one"
+        )
+    return parts[0][0], [item for _, parsed in parts for item in parsed]
 
 
 def check_ratings(examples: list[Example], cfg: DataConfig) -> None:
@@ -108,8 +125,17 @@ def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> 
 
 
 def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[EncodedPrompt]:
-    """The first `limit` distinct prompts of the held-out split, ready for generation, with their fields."""
-    rows = read_rows(cfg.eval or cfg.train, cfg.eval_split)
-    kind, parsed = parse_rows(rows, cfg.format)
-    examples = to_prompts(kind, parsed, cfg, 0)[:limit]
+    """The first `limit` distinct prompts of the held-out data, ready for generation, with their fields."""
+    examples = to_prompts(*read_heldout_parsed(cfg, any_format=True), cfg, 0)[:limit]
     return encode_prompts(examples, encoder)
+
+
+def read_heldout(cfg: DataConfig, needs: DataShape, seed: int) -> list[Example] | list[Pair] | list[Ranking]:
+    """The held-out rows in the loss's shape, as read_training reads the training rows (the held-out loss)."""
+    return SHAPES[needs].convert(*read_heldout_parsed(cfg), cfg, seed)
+
+
+def read_heldout_parsed(cfg: DataConfig, any_format: bool = False) -> tuple[str, list]:
+    """(format, parsed rows) of the held-out data (splits.py says which): every held-out reader goes through
+    here."""
+    return one_format(evaluation_data(cfg), cfg.eval or cfg.train, any_format)

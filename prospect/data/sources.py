@@ -1,43 +1,83 @@
-"""Read rows from wherever the user keeps feedback: local files, `datasets` directories, the hub, or a
-built-in corpus. Every row carries its location so later errors can name the file and line."""
+"""Read rows from wherever the user keeps feedback: local files, `datasets` directories (saved, or in the hub
+layout), the hub, or a built-in corpus. Every row carries its location so later errors can name the file and
+line. A source either has named splits (built-ins, the hub, datasets saved with splits) or is all one set
+(a file, a dataset saved without splits); splits.py decides what trains and what evaluates."""
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prospect.data import tasks, vader
 from prospect.data.row import Row
-from prospect.errors import UserError, where
+from prospect.errors import UserError, field_error, where
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+SAVED_DATASET = ("dataset_info.json", "state.json")  # what save_to_disk writes for a dataset with no splits
 
 
 # Built-in data sets by name: each loader takes a split and returns rows.
 BUILTINS: dict[str, Callable[[str], list[Row]]] = {**tasks.BUILTINS, **vader.BUILTINS}
 
 
-def read_rows(spec: str, split: str = "train") -> list[Row]:
+@dataclass
+class Source:
+    rows: list[Row]
+    split: str | None  # the split the rows are, or None: the source has no splits and these are all its rows
+
+
+class NoSuchSplit(UserError):
+    """A source with splits lacks the one asked for; callers add which option names it."""
+
+
+def read_rows(spec: str, split: str = "train", subset: str | None = None) -> list[Row]:
     """Rows of a data source: a built-in name, a file, a `datasets` directory or a hub dataset."""
+    return read_source(spec, split, subset).rows
+
+
+def read_source(spec: str, split: str = "train", subset: str | None = None) -> Source:
+    """Rows of `split` of a source with splits, or every row of a source without."""
+    path = Path(spec)
     if spec in BUILTINS:
-        rows = BUILTINS[spec](split)
+        refuse_subset(spec, subset)
+        source = Source(BUILTINS[spec](split), split)
+    elif path.is_dir():
+        source = read_dataset_dir(path, split, subset)
+    elif path.is_file():
+        refuse_subset(spec, subset)
+        source = Source(read_file(path), None)
+    elif path.suffix.lower() in FILE_TYPES or spec.startswith((".", "/", "~")):
+        raise UserError(f"{spec}: no such file")
     else:
-        path = Path(spec)
-        if path.is_dir():
-            rows = read_dataset_dir(path, split)
-        elif path.is_file():
-            rows = read_file(path)
-        elif path.suffix.lower() in FILE_TYPES or spec.startswith((".", "/", "~")):
-            raise UserError(f"{spec}: no such file")
-        else:
-            rows = read_hub(spec, split)
-    if not rows:
+        source = read_hub(spec, split, subset)
+    if not source.rows:
         raise UserError(f"{spec}: no rows; expected at least one example")
-    return rows
+    return source
+
+
+def has_splits(spec: str) -> bool:
+    """Whether a source has named splits, told without reading it."""
+    path = Path(spec)
+    if path.is_file():
+        return False
+    if path.is_dir():
+        return (path / "dataset_dict.json").is_file() or not any((path / m).is_file() for m in SAVED_DATASET)
+    return True  # a built-in or the hub
+
+
+def refuse_subset(spec: str, subset: str | None) -> None:
+    if subset is not None:
+        raise UserError(
+            f"{spec}: data.subset={subset} names a config of a hub dataset or of a folder in the hub layout; "
+            "this source has none"
+        )
 
 
 def read_file(path: Path) -> list[Row]:
@@ -104,11 +144,16 @@ def parse_json(text: str, location: str, whole_file: bool = False) -> Any:
 
 
 def read_json(path: Path) -> list[Row]:
-    value = parse_json(decode(path), str(path), whole_file=True)
+    text = decode(path)
+    if is_json_lines(text):
+        return read_jsonl(path)  # what datasets' to_json writes unless told lines=False
+    value = parse_json(text, str(path), whole_file=True)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
-        raise UserError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
+        raise UserError(
+            f'{path}: expected a JSON list of objects, {{"data": [...]}}, or JSON Lines (one object a line)'
+        )
     rows = []
     for index, item in enumerate(value, start=1):
         if not isinstance(item, dict):
@@ -119,78 +164,162 @@ def read_json(path: Path) -> list[Row]:
     return rows
 
 
+def is_json_lines(text: str) -> bool:
+    """A first line that is a whole JSON object with more text after it."""
+    first, _, rest = text.lstrip().partition("\n")
+    if not first.startswith("{") or not rest.strip():
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def read_csv(path: Path) -> list[Row]:
     reader = csv.DictReader(io.StringIO(decode(path), newline=""))
     rows = []
     try:
         for record in reader:
+            location = where(str(path), reader.line_num)
             if None in record:
-                raise UserError(
-                    f"{where(str(path), reader.line_num)}: more values than the header has columns"
-                )
-            rows.append(
-                Row(where(str(path), reader.line_num), {k: parse_csv_cell(k, v) for k, v in record.items()})
-            )
+                raise UserError(f"{location}: more values than the header has columns")
+            rows.append(Row(location, {k: parse_csv_cell(k, v, location) for k, v in record.items()}))
     except csv.Error as exc:
         raise UserError(f"{where(str(path), reader.line_num)}: not valid CSV ({exc})") from None
     return rows
 
 
-BOOLEAN_COLUMNS = ("label",)
+LABEL_TEXT = {"true": True, "false": False, "1": 1, "0": 0}
+LIST_COLUMNS = ("ranking", "scores")
 
 
-def parse_csv_cell(column: str, value: str | None) -> Any:
-    """CSV has no types: true/false in a label column are booleans (elsewhere a completion that says "True"
-    is text), and JSON lists (conversations) are lists."""
+def parse_csv_cell(column: str, value: str | None, location: str) -> Any:
+    """CSV has no types: true/false and 1/0 in a label column are labels (elsewhere a completion that says
+    "True" is text), and conversations are lists, written as JSON or, by datasets' to_csv, as Python reprs
+    (read with ast.literal_eval, which evaluates no code)."""
     if value is None:
         return None
-    lowered = value.strip().lower()
-    if column in BOOLEAN_COLUMNS and lowered in ("true", "false"):
-        return lowered == "true"
-    if value.lstrip().startswith("[{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+    stripped = value.strip()
+    if column == "label" and stripped.lower() in LABEL_TEXT:
+        return LABEL_TEXT[stripped.lower()]
+    if not (stripped.startswith("[{") or (column in LIST_COLUMNS and stripped.startswith("["))):
+        return value
+    try:
+        return json.loads(stripped)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        parsed = ast.literal_eval(stripped)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        parsed = None
+    if isinstance(parsed, list):
+        return parsed
+    if column in LIST_COLUMNS or "'role'" in stripped or '"role"' in stripped:
+        raise field_error(location, column, "a list written as JSON or as a Python literal", value)
+    return value  # text that happens to start with "[{"
 
 
 def read_parquet(path: Path) -> list[Row]:
+    import datasets
     import pyarrow.parquet as pq
 
     try:
-        records = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    return [Row(where(str(path), row=i), r) for i, r in enumerate(records, start=1)]
+    features = datasets.Features.from_arrow_schema(table.schema)  # ClassLabels that datasets wrote
+    return with_class_names(table.to_pylist(), features, lambda i: where(str(path), row=i))
 
 
-def read_dataset_dir(path: Path, split: str) -> list[Row]:
+def read_dataset_dir(path: Path, split: str, subset: str | None) -> Source:
+    """A directory written by save_to_disk, or one in the hub layout (data/train-*.parquet, a README with
+    configs, or plain data files) that datasets.load_dataset reads."""
     import datasets
 
-    if not any(
-        (path / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
-    ):
-        raise UserError(
-            f"{path}: is a directory; expected a data file or a `datasets` directory (save_to_disk)"
-        )
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise UserError(f"{path}: no split '{split}'; it has {', '.join(loaded)}")
-        loaded = loaded[split]
-    return [Row(where(f"{path}[{split}]", row=i), r) for i, r in enumerate(loaded, start=1)]
+    with quiet_datasets():  # local files: no download bars
+        if (path / "dataset_dict.json").is_file() or any((path / m).is_file() for m in SAVED_DATASET):
+            refuse_subset(str(path), subset)
+            return from_datasets(datasets.load_from_disk(str(path)), str(path), split)
+        try:
+            loaded = datasets.load_dataset(str(path), subset)
+        except Exception as exc:  # no data files, an unknown config, a bad file: all user-facing here
+            raise UserError(
+                f"{path}: is a directory but neither a `datasets` directory (save_to_disk) nor one in the hub "
+                f"layout that datasets.load_dataset reads ({first_line(exc)})"
+            ) from None
+        return from_datasets(loaded, str(path), split)
 
 
-def read_hub(name: str, split: str) -> list[Row]:
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    import datasets
+
+    was_quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_quiet:
+            datasets.enable_progress_bars()
+
+
+def read_hub(name: str, split: str, subset: str | None) -> Source:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # network, missing repo, missing split: all user-facing here
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{name}: could not load hub dataset split '{split}' ({message})") from None
-    return [Row(where(f"{name}[{split}]", row=i), r) for i, r in enumerate(loaded, start=1)]
+        loaded = datasets.load_dataset(name, subset)
+    except Exception as exc:  # network, missing repo, a config to choose: all user-facing here
+        raise UserError(f"{name}: could not load hub dataset ({first_line(exc)})") from None
+    return from_datasets(loaded, name, split)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or of its cause's (datasets wraps the real reason)."""
+    if exc.__cause__ is not None and "error occurred while generating" in str(exc):
+        return first_line(exc.__cause__)
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def from_datasets(loaded: Any, name: str, split: str) -> Source:
+    """The rows of a `datasets` Dataset (no splits) or of one split of a DatasetDict, class labels named."""
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict):
+        return Source(with_class_names(list(loaded), loaded.features, lambda i: where(name, row=i)), None)
+    if split not in loaded:
+        raise NoSuchSplit(f"{name}: no split '{split}'; it has {', '.join(loaded)}")
+    table = loaded[split]
+    return Source(
+        with_class_names(list(table), table.features, lambda i: where(f"{name}[{split}]", row=i)), split
+    )
+
+
+# A `datasets.ClassLabel` label column: its class names, read as desirable (True) or not.
+DESIRABLE = ("true", "1", "yes", "desirable", "good", "positive", "chosen")
+UNDESIRABLE = ("false", "0", "no", "undesirable", "bad", "negative", "rejected")
+LABEL_NAMES = {**dict.fromkeys(DESIRABLE, True), **dict.fromkeys(UNDESIRABLE, False)}
+
+
+def with_class_names(records: list[dict], features: Any, location: Callable[[int], str]) -> list[Row]:
+    """Rows with each ClassLabel column's integers replaced by their class names, and a ClassLabel `label`
+    column by booleans read from its names (never from the integers' order: names=["good", "bad"] is common)."""
+    import datasets
+
+    classes = {k: f for k, f in (features or {}).items() if isinstance(f, datasets.ClassLabel)}
+    for column, feature in classes.items():
+        names = [str(n) for n in feature.names]
+        if column == "label" and not all(n.lower() in LABEL_NAMES for n in names):
+            raise field_error(
+                location(1),
+                "label",
+                "class names that read as desirable or not (true/false, good/bad, ...)",
+                names,
+            )
+        values = [LABEL_NAMES[n.lower()] for n in names] if column == "label" else names
+        for record in records:
+            index = record.get(column)
+            record[column] = values[index] if isinstance(index, int) and 0 <= index < len(values) else None
+    return [Row(location(i), record) for i, record in enumerate(records, start=1)]
 
 
 def decode(path: Path) -> str:

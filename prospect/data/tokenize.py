@@ -2,6 +2,8 @@
 
 The prompt is rendered with the generation prompt (as at sampling time); the completion is the rest of
 the rendered conversation, so it ends with the template's end-of-turn token. Plain text gets EOS appended.
+An empty prompt is language modelling ({text}, or a whole conversation): every token is trained on but the
+first, which nothing predicts and which stands as the prompt.
 """
 
 from __future__ import annotations
@@ -106,7 +108,10 @@ class Encoder:
     def encode(
         self, prompt: Text, completion: Text, label: bool | None, location: str, fit: bool = True
     ) -> Encoded:
-        if isinstance(prompt, list) and isinstance(completion, list):
+        if not prompt:
+            whole = self.whole_ids(completion, location)
+            prompt_ids, completion_ids = whole[:1], whole[1:]
+        elif isinstance(prompt, list) and isinstance(completion, list):
             prompt_text = self.render(prompt, location, generation_prompt=True)
             full_text = self.render(prompt + completion, location, generation_prompt=False)
             if not full_text.startswith(prompt_text):
@@ -129,6 +134,14 @@ class Encoder:
         item = Encoded(prompt_ids, completion_ids, label, location)
         return self.fit(item) if fit else item
 
+    def whole_ids(self, text: Text, location: str) -> list[int]:
+        """A text as TRL's SFT tokenizes it (special tokens and EOS added), or a rendered conversation."""
+        if isinstance(text, list):
+            return self.ids(self.render(text, location, generation_prompt=False))
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return ids if ids and ids[-1] == eos else [*ids, eos]
+
     def fit(self, item: Encoded) -> Encoded:
         """Keep prompt + completion within max_length: the prompt's end, then the completion's start."""
         total = len(item.prompt_ids) + len(item.completion_ids)
@@ -148,7 +161,8 @@ class Encoder:
     def render(self, messages: list[dict[str, str]], location: str, generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(
-                f"{location}: conversational data needs a tokenizer with a chat template; this one has none"
+                f"{location}: conversational data needs a chat template and this tokenizer has none; set "
+                "model.chat_template to a Jinja file or a built-in (chatml, zephyr, gemma)"
             )
         # With tokenize=False the template returns the rendered text (transformers types every return kind).
         return cast(

@@ -33,6 +33,7 @@ from torch import nn
 from prospect.engine.sharding import assign, full_state, full_weights, load_full_state, local, untied
 from prospect.errors import UserError
 from prospect.io import write_json
+from prospect.models.loading import GIVEN_NAME, SOURCE_DTYPE
 
 log = logging.getLogger(__name__)
 SHARDED_STATE = "sharded"  # FSDP / DeepSpeed checkpoints: accelerate's own per-rank state
@@ -113,7 +114,7 @@ def newest_intact(root: Path) -> tuple[int, Path] | None:
 
 def remove_leftovers(run_dir: Path) -> None:
     """Temporary copies a killed save, prune or final export left behind."""
-    for pattern in (*(f"checkpoints/{p}" for p in LEFTOVERS), ".final.*"):
+    for pattern in (*(f"checkpoints/{p}" for p in LEFTOVERS), ".final.*", ".best.*"):
         for leftover in run_dir.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -167,6 +168,39 @@ def fsync_dir(path: Path) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path))
+
+
+def save_in_dtype(
+    model: Any, directory: Path, weights: dict[str, torch.Tensor] | None, dtype: torch.dtype
+) -> None:
+    """`model.save_pretrained` with its floating-point weights (`weights`, else its own, each tied weight under
+    its first name) cast to `dtype`, and config.json saying so: the dtype the checkpoint came in (bf16 stays
+    bf16), whatever precision training ran in. The model itself is left as it is."""
+    if dtype == torch.float32:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
+        return
+    weights = untied(model, model.state_dict()) if weights is None else weights
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    model.save_pretrained(directory, safe_serialization=True, state_dict=cast)
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained writes the model's own (fp32)
+    write_json(directory / "config.json", config)
+
+
+def name_adapter(directory: Path, base: str | None) -> None:
+    """A saved LoRA adapter names the model the user gave (`base`), not the directory peft saw it loaded from
+    (for a GGUF model, prospect's conversion cache): in adapter_config.json and in peft's README.md. peft
+    saves with the loaded-from name, where it reads the base vocabulary size (no hub request)."""
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    loaded_from = config.get("base_model_name_or_path")
+    if base is None or not loaded_from or loaded_from == base:
+        return
+    config["base_model_name_or_path"] = base
+    write_json(config_file, config)
+    readme = directory / "README.md"
+    if readme.is_file():
+        readme.write_text(readme.read_text().replace(loaded_from, base))
 
 
 def save_optimizer(state: dict[str, Any], directory: Path) -> None:
@@ -328,10 +362,10 @@ class Checkpointer:
             print(f"resumed from {path} (step {step} of {total_steps})", flush=True)
         return step
 
-    def save_final_model(self) -> Path:
-        """A plain transformers checkpoint (config, safetensors, tokenizer with chat template); LoRA is merged
-        into it and also kept in `final/adapter/`."""
-        final = self.run_dir / "final"
+    def save_final_model(self, name: str = "final") -> Path:
+        """A plain transformers checkpoint (config, safetensors, tokenizer with chat template) in the dtype the
+        model came in; LoRA is merged into it and also kept in `final/adapter/`. `name="best"`: best/."""
+        final = self.run_dir / name
         acc = self.acc
         # FSDP and ZeRO-3 hold shards: gather the full weights (a collective, so on every rank; ZeRO-3 gives
         # the other ranks None).
@@ -339,12 +373,13 @@ class Checkpointer:
         full = untied(module, acc.get_state_dict(self.policy) or {}) if self.sharded else full_weights(module)
         if acc.is_main_process:
             model = module.model
-            tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.run_dir))
             if self.lora:
                 model.save_pretrained(tmp / "adapter")
+                name_adapter(tmp / "adapter", getattr(model, GIVEN_NAME, None))
                 model = copy.deepcopy(model).merge_and_unload()
             weights = None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            save_in_dtype(model, tmp, weights, getattr(model, SOURCE_DTYPE, torch.float32))
             self.tokenizer.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(final)

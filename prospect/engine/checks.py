@@ -3,10 +3,10 @@ before anything loads, each with a one-line error that says what to change."""
 
 from __future__ import annotations
 
-import importlib.util
-
 from prospect.config import Config, ModelConfig
 from prospect.engine.heads import HEADS
+from prospect.engine.periodic_eval import check_evaluation
+from prospect.engine.publish import check_push_target
 from prospect.errors import UserError
 from prospect.losses.base import LossSpec
 from prospect.options import suggest
@@ -14,6 +14,8 @@ from prospect.options import suggest
 
 def check_run_options(config: Config, spec: LossSpec) -> None:
     t, m, d = config.train, config.model, config.data
+    if t.push_to_hub:
+        check_push_target(t.push_to_hub, "train.push_to_hub")
     if d.rating_min is not None and d.rating_max is not None and d.rating_min > d.rating_max:
         raise UserError(f"data.rating_min={d.rating_min} is above data.rating_max={d.rating_max}")
     if d.desirable_above < d.undesirable_below:
@@ -43,6 +45,7 @@ def check_run_options(config: Config, spec: LossSpec) -> None:
         raise UserError(f"train.reference_cache: loss '{spec.name}' uses no reference model")
     if t.reference_model and (m.lora_r > 0 or t.reference == "adapter"):
         raise UserError("train.reference_model needs train.reference=copy without LoRA")
+    check_evaluation(config, spec)
 
 
 def check_sharding(sharded: bool, model: ModelConfig) -> None:
@@ -54,17 +57,19 @@ def check_sharding(sharded: bool, model: ModelConfig) -> None:
 
 
 def check_trackers(report_to: str) -> list[str] | None:
-    """`train.report_to` as accelerate's tracker names, each known and installed; None for none."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    """`train.report_to` as accelerate's tracker names, each known and installed (as accelerate finds them:
+    it would drop a missing one with a warning, and log nothing); None for none."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
     names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
     for name in names:
         if name not in LOGGER_TYPE_TO_CLASS:
             raise UserError(
                 f"train.report_to={report_to}: unknown tracker '{name}'{suggest(name, LOGGER_TYPE_TO_CLASS)}; "
                 f"expected none or {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
             )
-        if importlib.util.find_spec(name) is None:  # each tracker's package has the tracker's name
+        if name not in installed:  # each tracker's package has its name (pip normalises _ to -)
             raise UserError(
                 f"train.report_to={report_to}: tracker '{name}' is not installed (pip install {name})"
             )

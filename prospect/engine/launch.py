@@ -21,13 +21,19 @@ from transformers.integrations import unset_hf_deepspeed_config
 
 from prospect.config import TrainConfig
 from prospect.errors import UserError
-from prospect.models.precision import cpu_only
+from prospect.models.precision import cpu_only, resolve_precision
 
 
 def make_accelerator(train: TrainConfig, **kwargs: Any) -> Accelerator:
-    """DeepSpeed on CPU processes: accelerate 1.15 finds no backend without a GPU and would make each process a
+    """prospect casts itself (train.precision, reconciled with a launch config's mixed_precision by
+    `resolve_precision`), so accelerate's own autocast stays off: it would wrap the policy but not the
+    reference.
+
+    DeepSpeed on CPU processes: accelerate 1.15 finds no backend without a GPU and would make each process a
     world of one (`AcceleratorState`: backend None, so num_processes 1, yet DistributedType.DEEPSPEED); the
     process group is set up over gloo first, and `cpu=True`, which turns DeepSpeed off, is not passed."""
+    resolve_precision(train.precision)  # a conflict fails here, before any data or model is read
+    kwargs["mixed_precision"] = "no"
     deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UserError('a DeepSpeed launch needs deepspeed: pip install -e ".[deepspeed]"')
@@ -55,11 +61,17 @@ def skip_shared_memory_op() -> None:
 
 
 def configure_deepspeed(config: dict[str, Any], train: TrainConfig) -> None:
-    """The engine clips at train.max_grad_norm (0: not at all) and steps once per prospect step."""
+    """The engine clips at train.max_grad_norm (0: not at all), steps once per prospect step and keeps fp32
+    weights."""
     if config.get("gradient_accumulation_steps", 1) not in (1, "auto"):
         raise UserError(
             "DeepSpeed config: gradient_accumulation_steps must be 1; prospect accumulates (train.grad_accum)"
         )
+    for dtype in ("fp16", "bf16"):  # the engine would hold the policy's weights in it, not the reference's
+        if str(config.get(dtype, {}).get("enabled", False)).lower() == "true":
+            raise UserError(
+                f"DeepSpeed config: {dtype}.enabled must be false or auto; prospect casts itself (train.precision)"
+            )
     config["gradient_accumulation_steps"] = 1
     config["gradient_clipping"] = max(train.max_grad_norm, 0.0)
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no dataloader to read it from

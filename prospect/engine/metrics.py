@@ -75,6 +75,8 @@ class MetricsLog:
 SHORT = {
     "loss": "loss",
     "kl": "kl",
+    "kl_estimate_raw": "kl_raw",
+    "reference_point": "ref_point",
     "rewards/desirable": "r_D",
     "rewards/undesirable": "r_U",
     "count/desirable": "n_D",

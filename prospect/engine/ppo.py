@@ -101,8 +101,10 @@ class PPOTrainer(Trainer):
             raise UserError(
                 "train.grad_accum: PPO splits each rollout into loss.minibatches instead; set it to 1"
             )
-        if online.sampler != "hf":
-            raise UserError("online.sampler=vllm: PPO samples from the live policy every step; use 'hf'")
+        if online.sampler == "vllm":
+            raise UserError(
+                "online.sampler=vllm: PPO samples from the live policy every step; use 'prospect'"
+            )
         self.reward = load_reward(online, self.device, self.bf16)
         self.kl = KLController(p.kl_coef, p.kl_target or None, p.kl_horizon)
         self.sampler = HFSampler(
@@ -110,6 +112,7 @@ class PPOTrainer(Trainer):
             self.tokenizer,
             batch_size=online.batch_size,
             bf16=self.bf16,
+            decoder=online.sampler,
         )
 
     def check_options(self) -> None:

@@ -9,21 +9,20 @@ by where it sits, so there the cache is filled with the very microbatches each p
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
-from tqdm.auto import tqdm
 
 from prospect.data.batching import Batch, Sequences, microbatch_slice, sequence_key, step_indices
 from prospect.data.shapes import DataShape, sequences_of
 from prospect.data.tokenize import Encoded, Encoder
 from prospect.losses.base import ReferencePoint
-from prospect.models.attention import unwrapped
+from prospect.models.attention import attention_kernel
 from prospect.models.reference import ReferenceCache, ReferenceFn, tokenizer_fingerprint, weights_fingerprint
+from prospect.progress import Progress
 
 
 @dataclass
@@ -101,17 +100,17 @@ class ReferencePlan:
     ) -> ReferenceCache:
         """Fill `cache` with every reference log-prob steps [start, stop) need, shared out among processes;
         the main process saves what is new."""
-        show = accelerator.is_main_process and sys.stderr.isatty()
+        show = accelerator.is_main_process
         rank, world = accelerator.process_index, accelerator.num_processes
         before = dict(cache.table)
         if cache.by_layout:  # each process runs its own microbatches, exactly as it will train on them
             per_microbatch = 2 if self.reference_point is not None else 1  # with the reference-point batch
             count = (stop - start) * self.order.grad_accum * per_microbatch
-            bar = tqdm(total=count, desc="reference log-probs (batches)", disable=not show)
+            bar = Progress("reference log-probs", count, "batches", show=show)
             cache.fill_batches(self.batches(start, stop, rank), reference, progress=bar.update)
         else:  # every sequence once, length-sorted
             mine = cache.missing(self.sequences(start, stop))[rank::world]
-            bar = tqdm(total=len(mine), desc="reference log-probs", disable=not show)
+            bar = Progress("reference log-probs", len(mine), "sequences", show=show)
             cache.fill(mine, reference, pad_id, accelerator.device, progress=bar.update)
         bar.close()
         new = [(k, v) for k, v in cache.table.items() if k not in before]
@@ -137,7 +136,7 @@ def reference_fingerprint(
             tokenizer_fingerprint(tokenizer)[:8],
             f"len{max_length}p{max_prompt_length}",
             "bf16" if bf16 else "fp32",
-            str(getattr(unwrapped(model).config, "_attn_implementation", "")),
+            attention_kernel(model),
             *([packing] if packing else []),
         ]
     )

@@ -40,6 +40,9 @@ WRITTEN = (
     "kept.jsonl",
     "sft",
     ".final.*",
+    "best",
+    ".best.*",
+    "evals.jsonl",
 )
 # Options that may change when a run is resumed.
 RESUMABLE_CHANGES = {
@@ -47,6 +50,7 @@ RESUMABLE_CHANGES = {
     ("train", "overwrite"),
     ("train", "log_every"),
     ("train", "report_to"),
+    ("train", "push_to_hub"),
     ("loop", "judge_key_env"),  # where the key is kept, not which judge: keys rotate
 }
 
@@ -78,6 +82,17 @@ class RunDir:
         self.set_aside: Path | None = self.path.with_name(f".{self.path.name}.replaced")
         if not self.set_aside.is_dir():
             self.set_aside = None
+
+    def announce(self, report: bool) -> str:
+        """The first line a run prints, before anything slow: where it writes, and where its report will be
+        (`report`: the evaluation writes one)."""
+        e = self.cfg.eval
+        done = (
+            f"; report: {self.path / 'report.json'} when done"
+            if report and e.num_prompts and e.before
+            else ""
+        )
+        return f"{'resuming' if self.resuming else 'run directory'} {self.path}{done}"
 
     @property
     def resuming(self) -> bool:

@@ -2,17 +2,15 @@
 optimizer step, and runs it on every device accelerate gives it. Read top to bottom: set-up, `train`, then one
 step (`train_step` -> `accumulate_gradients` -> `microbatch_loss` -> `optimizer_step`). Collaborators own the
 rest: the head (`heads.py`), the reference plan (`reference_plan.py`), the checkpointer (`checkpoint.py`), the
-held-out evaluation (`evaluation/`)."""
+held-out evaluations before, during and after training and the ETA (`periodic_eval.py`, `evaluation/`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import gc
-import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType, set_seed
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from prospect.config import Config
@@ -29,17 +26,19 @@ from prospect.data.batching import Batch, Sequences, pad
 from prospect.data.packing import pack
 from prospect.data.pipeline import count, encode_all, read_training
 from prospect.data.shapes import make_batch
+from prospect.data.splits import evaluates
 from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
 from prospect.engine.checks import check_run_options, check_sharding, check_trackers
 from prospect.engine.heads import HEADS, RunContext
 from prospect.engine.launch import accumulating, make_accelerator
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
+from prospect.engine.periodic_eval import Evaluations
+from prospect.engine.publish import finish_run
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
 from prospect.engine.rundir import RunDir
 from prospect.engine.sharding import fsdp_on_cpu, full, gathered, prepare, shard
 from prospect.errors import UserError
-from prospect.io import write_text_atomic
 from prospect.losses import get_loss
 from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model, prepare_for_training, with_lora
@@ -53,6 +52,7 @@ from prospect.models.reference import (
     resolve_reference_mode,
     store_linears_in_bf16,
 )
+from prospect.progress import Progress, duration
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ class Trainer:
         check_sharding(self.sharded or self.fsdp_on_cpu, config.model)
         self.run = RunDir(config)
         self.run_dir = self.run.path
-        examples = read_training(config.data, self.spec.data, t.seed)
+        if self.accelerator.is_main_process:  # first, before anything slow
+            print(self.run.announce(report=self.head.samples_for_evaluation), flush=True)
+        examples = read_training(config.data, self.spec.data, t.seed, evaluates(config.eval))
         self.warnings: list[str] = []
         if self.spec.check_data:
             self.params, self.warnings = self.spec.check_data(self.params, count(examples))
@@ -89,6 +91,9 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode also fills every new tensor with NaN, which no kernel here reads (about 4,000
+            # fills in a short KTO step). Turned off, results are bit for bit the same (tests/test_engine.py).
+            torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
         set_seed(t.seed)  # python, numpy and torch
         self.device = self.accelerator.device
         self.bf16 = use_bf16(t.precision, self.device)
@@ -165,6 +170,9 @@ class Trainer:
                 self.accelerator.is_main_process,
             ),
         )
+        self.evals = Evaluations(
+            config, self.spec, self.encoder, self.run_dir, self.accelerator.is_main_process
+        )
         self.step = 0
         self.skips = self.skips_in_a_row = 0  # updates skipped for a non-finite loss or gradient
         if self.accelerator.is_main_process:  # every input has loaded: only now is a run directory made
@@ -206,10 +214,11 @@ class Trainer:
     def loop_state(self) -> dict:
         """Loop state beyond weights, optimizer and RNG that a checkpoint must keep (skipped updates; PPO's KL
         coefficient)."""
-        return {"skips": self.skips, "skips_in_a_row": self.skips_in_a_row}
+        return {"skips": self.skips, "skips_in_a_row": self.skips_in_a_row, "evals": self.evals.state()}
 
     def load_loop_state(self, state: dict) -> None:
         self.skips, self.skips_in_a_row = state.get("skips", 0), state.get("skips_in_a_row", 0)
+        self.evals.load_state(state.get("evals", {}))
 
     def build_reference(self) -> FrozenReference | None:
         """The live reference: for the loss, and for the held-out KL of any loss."""
@@ -259,8 +268,8 @@ class Trainer:
         self.reference = self.cache.lookup
 
     def release_reference_copy(self) -> None:
-        """Once the cache answers for the loss, a frozen copy is kept only for the held-out KL."""
-        if self.cfg.eval.num_prompts == 0 and self.initial_model is not None:
+        """Once the cache answers for the loss, a frozen copy is kept only for the held-out KL and loss."""
+        if not (self.cfg.eval.num_prompts or self.evals.items) and self.initial_model is not None:
             self.initial_model = self.live_reference = None
             gc.collect()
 
@@ -280,27 +289,21 @@ class Trainer:
         is_main = self.accelerator.is_main_process
         if self.run.resuming:
             self.step = self.checkpointer.resume(self.total_steps)
-        metrics_log = MetricsLog(
-            self.run_dir / "metrics.jsonl", resume_step=self.step if self.run.resuming else None
-        )
+        resumed_at = self.step if self.run.resuming else None
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=resumed_at)
+        self.evals.start(resumed_at)
         if self.trackers():
             self.accelerator.init_trackers(self.run_dir.name, config=self.cfg.flat())
         evaluating = self.cfg.eval.num_prompts > 0
-        before = self.evaluate("before") if evaluating and self.cfg.eval.before else None
+        before = self.evals.evaluate(self, "before") if evaluating and self.cfg.eval.before else None
         if t.reference_cache:
             self.precompute_reference()
             self.release_reference_copy()
         if is_main:
             print(self.banner(), flush=True)
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="training",
-            dynamic_ncols=True,
-            disable=not (is_main and sys.stderr.isatty()),
-        )
-        first_step, loop_started = self.step, time.perf_counter()
-        while self.step < self.total_steps:
+        # The metric lines below report progress in a log file (percent=0); a terminal also gets a bar.
+        bar = Progress("training", self.total_steps, "steps", show=is_main, percent=0, initial=self.step)
+        while self.step < self.total_steps and not self.evals.stopped:
             step_started = time.perf_counter()
             ckpt.fault("step", self.step + 1)
             metrics = self.train_step()
@@ -311,28 +314,29 @@ class Trainer:
             metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - step_started)
             if is_main:
                 metrics_log.write({"step": self.step, **metrics})
-                if self.step % max(1, t.log_every) == 0 or self.step == self.total_steps:
-                    per_step = (time.perf_counter() - loop_started) / (self.step - first_step)
-                    eta = per_step * (self.total_steps - self.step)
-                    bar.write(
-                        format_line(self.step, self.total_steps, metrics) + f" | eta {eta / 60:.1f} min"
-                    )
                 bar.update(1)
+                if self.step % max(1, t.log_every) == 0 or self.step == self.total_steps:
+                    eta = self.evals.time_left(self.step, self.total_steps, bar, final=evaluating)
+                    bar.write(format_line(self.step, self.total_steps, metrics) + f" | eta {eta}")
             if self.trackers():
                 self.accelerator.log(metrics, step=self.step)
-            if (t.save_every and self.step % t.save_every == 0) or self.step == self.total_steps:
+            stop = self.evals.after_step(self)  # evaluates when due, keeps best/, may stop early
+            if stop or (t.save_every and self.step % t.save_every == 0) or self.step == self.total_steps:
                 self.checkpointer.save(self.step, self.total_steps)
             for callback in self.callbacks:
                 callback(self, StepResult(self.step, metrics))
         bar.close()
         final = self.checkpointer.save_final_model()
-        after = self.evaluate("after") if evaluating else None
+        after = self.evals.evaluate(self, "after") if evaluating else None
         if before and after:
             self.evaluation.report(before, after, self.run_dir / "report.json")
         if self.trackers():
             self.accelerator.end_training()
         if is_main:
-            print(f"done in {time.perf_counter() - started:.0f}s; model: {final}", flush=True)
+            finish_run(self.run_dir, t)  # the model card, with the held-out results; the push if asked
+            report = f"; report: {self.run_dir / 'report.json'}" if before and after else ""
+            took = duration(time.perf_counter() - started)
+            print(f"done in {took}; model: {final}{report}{self.evals.summary()}", flush=True)
         return final
 
     def train_step(self) -> dict[str, float]:
@@ -418,8 +422,10 @@ class Trainer:
 
     # ----- what a step is made of ---------------------------------------------------------------
     def make_batch(self, indices: list[int]) -> Batch:
-        """The items at `indices` in the loss's data shape, and its reference point's sequences."""
-        items = [self.data.items[i] for i in indices]
+        return self.batch_of([self.data.items[i] for i in indices])
+
+    def batch_of(self, items: list) -> Batch:
+        """`items` in the loss's data shape, and its reference point's sequences."""
         pad_id = self.tokenizer.pad_token_id
         batch = make_batch(items, self.spec.data, pad_id, self.build_sequences)
         point = self.spec.reference_point
@@ -478,16 +484,3 @@ class Trainer:
             f"{'bf16 autocast + fp32 log-softmax' if self.bf16 else 'fp32'}"
             f"{', padding-free' if t.padding_free else ''}, run dir {self.run_dir}"
         )
-
-    # ----- around the loop ----------------------------------------------------------------------
-    def evaluate(self, when: str) -> Any:
-        """Before/after comparison on held-out data; saved to eval_<when>.json (reused on resume)."""
-        path = self.run_dir / f"eval_{when}.json"
-        kind = self.evaluation.result_type
-        if when == "before" and self.step > 0:  # resumed: the untrained model is gone
-            return kind(**json.loads(path.read_text())) if path.is_file() else None
-        with gathered(self.policy):  # sampling runs without collectives
-            result = self.evaluation(self.accelerator.unwrap_model(self.policy), self.live_reference, when)
-        if self.accelerator.is_main_process:
-            write_text_atomic(path, json.dumps(result.__dict__, indent=1))
-        return result

@@ -24,6 +24,7 @@ from prospect.data.tokenize import EncodedPrompt, Encoder
 from prospect.evaluation.judges import Judge, get_judge
 from prospect.io import write_text_atomic
 from prospect.models.sampling import HFSampler, SamplingParams
+from prospect.progress import Progress
 
 
 @dataclass
@@ -68,16 +69,19 @@ def evaluate(
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
     )
-    completions = [samples[0].token_ids for samples in sampler.generate(prompts, params)]
+    with Progress(f"held-out samples, {label}", len(prompts), "prompts", show=verbose) as progress:
+        completions = [s[0].token_ids for s in sampler.generate(prompts, params, progress)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     kls: list[float] = []
-    with torch.no_grad():
+    scoring = Progress(f"KL on the samples, {label}", len(prompts), "samples", show=verbose)
+    with torch.no_grad(), scoring as progress:
         for start in range(0, len(prompts), cfg.batch_size):
             keep = [i for i in range(start, min(start + cfg.batch_size, len(prompts))) if completions[i]]
             if keep:
                 seqs = pad([prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id)
                 seqs = seqs.to(next(model.parameters()).device)
                 kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
+            progress.update(min(cfg.batch_size, len(prompts) - start))
     scores = judge(texts, items) if judge else None
     result = HeldOutResult(
         judge_mean=statistics.fmean(scores) if scores else None,
@@ -152,16 +156,20 @@ class PolicyEvaluation:
         self.data, self.cfg, self.online, self.encoder, self.tokenizer = data, cfg, online, encoder, tokenizer
         self.device, self.bf16, self.seed = device, bf16, seed
         self.prompt_suffix, self.verbose = prompt_suffix, verbose
+        self.prompts: list[EncodedPrompt] | None = None
 
     def __call__(
         self, scorer: PolicyScorer, reference: Callable[[Sequences], torch.Tensor], when: str
     ) -> HeldOutResult:
         """`scorer` is the policy's TokenScorer (unwrapped), `reference` the live reference."""
-        prompts = load_eval_prompts(self.data, self.encoder, self.cfg.num_prompts)
+        if self.prompts is None:  # read once: the run evaluates before, after, and every eval.every steps
+            self.prompts = load_eval_prompts(self.data, self.encoder, self.cfg.num_prompts)
+        prompts = self.prompts
         if self.prompt_suffix:
             prompts = [dataclasses.replace(p, prompt_ids=p.prompt_ids + self.prompt_suffix) for p in prompts]
+        when = f"{when} training" if when in ("before", "after") else when  # or "at step N"
         if self.verbose:
-            print(f"evaluating {when} training on {len(prompts)} held-out prompts ...", flush=True)
+            print(f"evaluating {when} on {len(prompts)} held-out prompts ...", flush=True)
         return evaluate(
             scorer.model,
             self.tokenizer,

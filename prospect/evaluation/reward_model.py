@@ -13,9 +13,9 @@ import torch
 
 from prospect.config import DataConfig, EvalConfig
 from prospect.data.convert import to_groups
-from prospect.data.formats import Example, parse_rows
+from prospect.data.formats import Example
+from prospect.data.pipeline import read_heldout_parsed
 from prospect.data.shapes import DataShape, sequences_of
-from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
 from prospect.evaluation.judges import Judge, get_judge
@@ -53,8 +53,8 @@ def evaluate_rewards(
 ) -> RewardEval:
     """`score(prompts, completions)` scores token lists; `threshold` splits scores into positive/negative for
     sign accuracy (the mean training score, since Bradley-Terry scores have no natural zero)."""
-    rows = read_rows(cfg.eval or cfg.train, cfg.eval_split)[: limit or None]
-    kind, parsed = parse_rows(rows, cfg.format)
+    kind, parsed = read_heldout_parsed(cfg)
+    parsed = parsed[: limit or None]
     result = RewardEval()
     try:
         groups = to_groups(kind, parsed, cfg, seed)

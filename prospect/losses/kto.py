@@ -47,7 +47,8 @@ class MismatchedPairsKL:
     """KTO's reference point: mean log pi/pi_ref over the pairs (x_i, y_(i+1 mod n)) of a microbatch, summed
     and counted across processes. Estimated per microbatch, not over the accumulated step (TRL #2153)."""
 
-    metric: str = "kl"
+    # The raw estimate, as measured: mismatched completions are not samples of the policy, so it can be negative.
+    metric: str = "kl_estimate_raw"
     summary: str = "KL batch of mismatched pairs"
     min_batch_size: int = 2
     why: str = "pairs each prompt with another example's completion for its KL estimate"
@@ -80,14 +81,17 @@ def prospect_loss(
     loss_u = p.undesirable_weight * value(p.beta * (z - rewards))
     losses = torch.where(desirable, loss_d, loss_u)
     undesirable = ~desirable
+    means = {
+        "rewards/desirable": masked_mean_of(p.beta * rewards, desirable),
+        "rewards/undesirable": masked_mean_of(p.beta * rewards, undesirable),
+        "logps/desirable": masked_mean_of(logps, desirable),
+        "logps/undesirable": masked_mean_of(logps, undesirable),
+    }
+    if x.reference_point is not None:  # the z the rewards were measured against: the estimate clamped at 0
+        means["reference_point"] = (z.detach().float(), torch.ones((), device=z.device))
     return LossOutput(
         losses=losses,
-        means={
-            "rewards/desirable": masked_mean_of(p.beta * rewards, desirable),
-            "rewards/undesirable": masked_mean_of(p.beta * rewards, undesirable),
-            "logps/desirable": masked_mean_of(logps, desirable),
-            "logps/undesirable": masked_mean_of(logps, undesirable),
-        },
+        means=means,
         totals={
             "count/desirable": desirable.sum().float(),
             "count/undesirable": undesirable.sum().float(),

@@ -20,12 +20,16 @@ from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from prospect.data.layout import SegmentLayout
 
 NAME = "prospect_segments"
+SEGMENT_KERNEL = (
+    "eager"  # or "sdpa" (benchmarks/ab_step.py): the kernel segment attention runs under a layout
+)
 
 
 _LAYOUT_ACTIVE = contextvars.ContextVar("prospect_segment_layout", default=False)
@@ -55,13 +59,18 @@ def segment_attention(
     dropout: float = 0.0,
     segment_layout: SegmentLayout | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention under the layout's mask (transformers' mask when there is no layout). Per-span SDPA
-    calls were measured slower on this CPU than one masked eager call per layer (8.4 s against 5.6 s for a
-    DPO 128 step), so spans cut cost through shared prompts and short rows, not through the kernel."""
-    if segment_layout is not None:
-        attention_mask = segment_layout.additive_mask(query.shape[2], query.device)
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention under the layout's mask: one scaled-dot-product call per layer with the layout as a boolean
+    mask (SEGMENT_KERNEL "sdpa"), or eager attention under the same mask ("eager"). Without a layout it is
+    eager attention with transformers' mask. Per-span SDPA calls were measured slower on this CPU than one
+    masked call per layer (8.4 s against 5.6 s for a DPO 128 step)."""
+    if segment_layout is None:
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if SEGMENT_KERNEL == "sdpa":
+        mask = segment_layout.allowed_mask(query.shape[2], query.device)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal=False)
+    mask = segment_layout.additive_mask(query.shape[2], query.device)
+    return eager_attention_forward(module, query, key, value, mask, scaling, dropout, **kwargs)
 
 
 AttentionInterface.register(NAME, segment_attention)
@@ -78,6 +87,12 @@ def unwrapped(model: torch.nn.Module) -> PreTrainedModel:
 
 def uses_segments(model: torch.nn.Module) -> bool:
     return getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", None) == NAME
+
+
+def attention_kernel(model: torch.nn.Module) -> str:
+    """The model's attention as it affects rounding: its implementation, and segment attention's kernel."""
+    name = str(getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", ""))
+    return f"{name}-{SEGMENT_KERNEL}" if name == NAME else name
 
 
 EAGER_ATTENTION_FACTOR = 3.0  # eager attention's cost per FLOP against the linear layers' (fp32 softmax)

@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -29,9 +30,14 @@ from prospect.assets import cache_dir, replace_dir, sha256_of
 from prospect.config import ModelConfig
 from prospect.errors import UserError
 from prospect.models import attention as segments
+from prospect.models.chat_templates import set_chat_template
+from prospect.models.default import EMBEDDED, embedded_gguf
 from prospect.models.precision import round_to_bf16
+from prospect.progress import reporting
 
 log = logging.getLogger(__name__)
+# Attributes of a loaded model: the dtype its checkpoint came in, and its name as the user gave it.
+SOURCE_DTYPE, GIVEN_NAME = "prospect_source_dtype", "prospect_given_name"
 CONVERSION_VERSION = 2  # 2: weights bf16 autocast casts are stored as their bf16 values
 
 
@@ -53,7 +59,36 @@ def load_model(
                 "loaded; convert them to safetensors or set model.allow_pickle=true"
             ) from None
         raise UserError(f"model '{cfg.name}': could not load it ({first_line(exc)})") from None
+    setattr(model, SOURCE_DTYPE, checkpoint_dtype(source, cfg.revision))
+    setattr(model, GIVEN_NAME, given_name(cfg))
     return model, tokenizer
+
+
+def carry_source(loaded: nn.Module, built: nn.Module) -> None:
+    """A model built from a loaded one (a reward model from a causal LM) saves as the loaded one would."""
+    for name in (SOURCE_DTYPE, GIVEN_NAME):
+        setattr(built, name, getattr(loaded, name))
+
+
+def checkpoint_dtype(source: str, revision: str | None) -> torch.dtype:
+    """The dtype a checkpoint's config.json gives its weights (`dtype`, `torch_dtype` before transformers 5),
+    which final/ is saved in; float32 when it names none (and for de-quantized GGUF files)."""
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source, revision=revision)
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def given_name(cfg: ModelConfig) -> str:
+    """The model as the user named it, for a LoRA adapter's base_model_name_or_path and the model card: a hub
+    name as given, a local path made absolute, an embedded model's upstream hub name (never the cache)."""
+    if cfg.name in EMBEDDED:
+        return EMBEDDED[cfg.name].upstream
+    path = Path(cfg.name).expanduser()
+    return str(path.resolve()) if path.exists() else cfg.name
 
 
 def prepare_for_training(model: PreTrainedModel, disable_dropout: bool, gradient_checkpointing: bool) -> None:
@@ -79,11 +114,12 @@ def with_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str) -> nn.Mo
         target_modules=targets if targets == "all-linear" else [s.strip() for s in targets.split(",")],
     )
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
         raise UserError(
             f"model.lora_target_modules={targets}: {first_line(exc)} (names such as q_proj,v_proj, or all-linear)"
         ) from None
+    return peft_model
 
 
 def local_source(cfg: ModelConfig) -> str:
@@ -99,6 +135,8 @@ def load_tokenizer(cfg: ModelConfig, source: str) -> PreTrainedTokenizerBase:
         raise UserError(f"model '{cfg.name}': could not load its tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template:
+        set_chat_template(tokenizer, cfg.chat_template)
     return tokenizer
 
 
@@ -127,10 +165,8 @@ def looks_local(name: str) -> bool:
 
 def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
     """(directory or hub name, GGUF file name or None)."""
-    if cfg.name == "smollm2":
-        from prospect.models.default import smollm2_gguf
-
-        gguf = smollm2_gguf()
+    if cfg.name in EMBEDDED:
+        gguf = embedded_gguf(EMBEDDED[cfg.name])
         return str(gguf.parent), gguf.name
     path = Path(cfg.name)
     if path.suffix == ".gguf":
@@ -191,7 +227,12 @@ def convert_gguf(source: str, gguf_file: str) -> str:
         return str(final)
     log.info("converting %s to safetensors (once) in %s", local.name, final)
     tokenizer = AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name)
-    model = AutoModelForCausalLM.from_pretrained(str(local.parent), gguf_file=local.name, dtype=torch.float32)
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+    with reporting(gguf_loader, f"de-quantizing {local.name} (once)", "tensors"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local.parent), gguf_file=local.name, dtype=torch.float32
+        )
     detach_quantizer(model)
     rounded = round_to_bf16(model)
     final.parent.mkdir(parents=True, exist_ok=True)

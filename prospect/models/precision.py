@@ -4,10 +4,12 @@ weights that mean the same in bf16 as in fp32."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
 
+from prospect.errors import UserError
 from prospect.models.attention import unwrapped
 from prospect.models.scoring import split_head
 
@@ -23,8 +25,39 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def launched_precision() -> str:
+    """accelerate's `mixed_precision` (a launch config's, passed on as ACCELERATE_MIXED_PRECISION): 'no',
+    'bf16', 'fp16' or 'fp8'."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+
+
+def resolve_precision(precision: str) -> str:
+    """`train.precision` reconciled with accelerate's `mixed_precision`. prospect applies one precision to the
+    policy, the reference, sampling and evaluation alike; accelerate's own autocast would wrap the prepared
+    policy only, so policy and reference would differ from step 1 (the Accelerator is therefore made with
+    mixed_precision 'no', see engine/launch.py). accelerate's bf16 is honoured with train.precision auto or
+    bf16; any other combination is refused."""
+    launched = launched_precision()
+    if launched == "no" or launched == precision:
+        return precision
+    source = f"accelerate's mixed_precision={launched} (launch config or ACCELERATE_MIXED_PRECISION)"
+    if launched == "bf16" and precision == "auto":
+        log.info("precision: bf16, as %s asks", source)
+        return "bf16"
+    if launched == "bf16":
+        raise UserError(
+            f"{source} conflicts with train.precision={precision}; set mixed_precision to 'no' or "
+            "train.precision to bf16"
+        )
+    raise UserError(
+        f"{source}: prospect computes in bf16 or fp32 (train.precision); set mixed_precision to 'no' or 'bf16'"
+    )
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """`train.precision`: 'bf16' and 'fp32' as asked; 'auto' is bf16 where the device runs it fast."""
+    """`train.precision`: 'bf16' and 'fp32' as asked; 'auto' is bf16 where the device runs it fast (or where
+    accelerate was launched with mixed_precision bf16, see `resolve_precision`)."""
+    precision = resolve_precision(precision)
     if precision == "bf16" and not bf16_supported(device):
         log.warning("bf16 requested but %s has no fast bf16 matmuls; it will be slow", device)
     return precision == "bf16" or (precision == "auto" and bf16_supported(device))

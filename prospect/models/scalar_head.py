@@ -27,6 +27,7 @@ from prospect.errors import UserError
 from prospect.models.attention import model_inputs, unwrapped
 from prospect.models.loading import (
     attention_kwargs,
+    carry_source,
     first_line,
     hub_kwargs,
     load_model,
@@ -137,6 +138,7 @@ def load_reward_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedToke
             raise UserError(f"model '{cfg.name}': its trunk does not fit {type(model).__name__}")
         with torch.no_grad():
             score_head(model).weight.normal_(0.0, 1.0 / (config.hidden_size + 1) ** 0.5)
+        carry_source(causal, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

@@ -32,7 +32,8 @@ class Scored:
 
 def sample_and_score(config: Config, model_source: str | None = None) -> list[list[Scored]]:
     """N scored samples for each training prompt (online.prompts of them), sharded over processes."""
-    session = SamplingSession(config, model_source or config.model.name, window=0, seed=config.train.seed)
+    label = f"best-of-{config.online.samples_per_prompt}: sampling"
+    session = SamplingSession(config, model_source or config.model.name, 0, config.train.seed, label)
     groups = session.sample()
     session.release()  # the policy leaves memory before the reward model loads
     session.score(groups)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from prospect.data.convert import prompt_key
 from prospect.data.formats import Text
 from prospect.errors import UserError
+from prospect.progress import Progress
 
 if TYPE_CHECKING:  # labelling and the HTTP judge need neither torch nor transformers
     from transformers import PreTrainedTokenizerBase
@@ -264,12 +265,14 @@ class LocalJudge:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        from accelerate import PartialState
+
         from prospect.models.sampling import SamplingParams
 
-        out = self.sampler.generate(
-            chat_prompt_ids(self.tokenizer, conversations),
-            SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0),
-        )
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0)
+        show = PartialState().is_main_process
+        with Progress("judge verdicts", len(conversations), "verdicts", show=show) as progress:
+            out = self.sampler.generate(chat_prompt_ids(self.tokenizer, conversations), params, progress)
         return [self.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in out]
 
 

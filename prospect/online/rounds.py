@@ -31,6 +31,7 @@ from accelerate import PartialState
 
 from prospect.config import Config, ModelConfig
 from prospect.data.pipeline import read_prompts
+from prospect.data.splits import evaluates
 from prospect.engine.rundir import RunDir
 from prospect.errors import UserError
 from prospect.io import read_jsonl, write_jsonl, write_text_atomic
@@ -246,12 +247,12 @@ def critique_and_revise(session: SamplingSession, groups: list[Group], rules: li
         for g, c, p in chosen
     ]
     max_new_tokens = session.config.online.max_new_tokens
-    critiques = session.chat(first, max_new_tokens)
+    critiques = session.chat(first, max_new_tokens, "critiques")
     second = [
         [*conv, {"role": "assistant", "content": critique}, {"role": "user", "content": REVISE}]
         for conv, critique in zip(first, critiques)
     ]
-    revisions = session.chat(second, max_new_tokens)
+    revisions = session.chat(second, max_new_tokens, "revisions")
     return [
         {"prompt": g.prompt, "completion": r, "original": c, "critique": k, "principle": p}
         for (g, c, p), k, r in zip(chosen, critiques, revisions)
@@ -265,7 +266,8 @@ def sample_round(config: Config, kind: LoopKind, policy: str, k: int, rdir: Path
     labelled again from them on --resume, not sampled again (both ways label the same rows)."""
     state = PartialState()
     # Each round samples the next window of prompts, with its own seed.
-    session = SamplingSession(config, policy, window=k - 1, seed=config.train.seed * 1009 + (k - 1) * 31)
+    seed = config.train.seed * 1009 + (k - 1) * 31
+    session = SamplingSession(config, policy, window=k - 1, seed=seed, label=f"round {k}: sampling")
     drawn = rdir / "generations.jsonl"
     if not drawn.is_file():
         generations = session.gather([dataclasses.asdict(g) for g in session.sample()])
@@ -304,7 +306,7 @@ def run_loop(config: Config) -> Path:
         check_reward(config.online)
     # Bad model paths and bad prompt files fail here, before the run directory exists.
     resolve_model_source(config.model)
-    read_prompts(config.data, config.train.seed)
+    read_prompts(config.data, config.train.seed, evaluates(config.eval))
     state = PartialState()
     if state.is_main_process:
         run.create()  # a run being overwritten is set aside until round 1 has its samples labelled

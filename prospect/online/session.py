@@ -13,12 +13,14 @@ from accelerate.utils import gather_object
 
 from prospect.config import Config
 from prospect.data.pipeline import encode_prompts, read_prompts
+from prospect.data.splits import evaluates, same_evaluation
 from prospect.data.tokenize import Encoder
 from prospect.engine.rundir import MARKER
 from prospect.models.loading import load_model
 from prospect.models.precision import use_bf16
 from prospect.models.sampling import HFSampler, Sample, SamplingParams, rollout_params
 from prospect.online.labellers import Group, chat_prompt_ids
+from prospect.progress import Progress
 from prospect.rewards import load_reward
 
 Row = TypeVar("Row")
@@ -31,20 +33,26 @@ class SamplingSession:
     (every prompt when online.prompts is 0): online rounds move one window per round, best-of-N takes the
     first. `seed` is the process's sampling seed, before the process index is added to it."""
 
-    def __init__(self, config: Config, model_source: str, window: int, seed: int) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config, model_source: str, window: int, seed: int, label: str = "sampling"
+    ) -> None:
+        self.config, self.label = config, label  # label: what the progress of `sample` is called
         self.state = PartialState()
         self.model, self.tokenizer = load_model(dataclasses.replace(config.model, name=model_source))
         self.model.to(self.state.device)
         self.bf16 = use_bf16(config.train.precision, self.state.device)
-        prompts = read_prompts(config.data, config.train.seed)
+        prompts = read_prompts(config.data, config.train.seed, evaluates(config.eval))
         per_window = config.online.prompts or len(prompts)
         start = (window * per_window) % len(prompts)
         chosen = (prompts + prompts)[start : start + min(per_window, len(prompts))]
         encoder = Encoder(self.tokenizer, config.data.max_length, config.data.max_prompt_length)
         self.items = encode_prompts(chosen, encoder)[self.state.process_index :: self.state.num_processes]
         self.sampler = HFSampler(
-            self.model, self.tokenizer, batch_size=config.online.batch_size, bf16=self.bf16
+            self.model,
+            self.tokenizer,
+            batch_size=config.online.batch_size,
+            bf16=self.bf16,
+            decoder=config.online.sampler,
         )
         self.seed = seed + self.state.process_index
 
@@ -52,24 +60,28 @@ class SamplingSession:
     def device(self) -> torch.device:
         return self.state.device
 
+    def progress(self, desc: str, total: int) -> Progress:
+        return Progress(desc, total, "samples", show=self.state.is_main_process)
+
     def sample(self) -> list[Group]:
         """`online.samples_per_prompt` completions of each of this process's prompts, not yet scored."""
-        out = self.sampler.generate(
-            [it.prompt_ids for it in self.items], rollout_params(self.config.online, self.seed)
-        )
+        params = rollout_params(self.config.online, self.seed)
+        with self.progress(self.label, len(self.items) * params.n) as progress:
+            out = self.sampler.generate([it.prompt_ids for it in self.items], params, progress)
         return [
             Group(it.prompt, completions, [], it.fields)
             for it, completions in zip(self.items, self.decode(out))
         ]
 
-    def chat(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    def chat(self, conversations: list[list[dict]], max_new_tokens: int, what: str = "replies") -> list[str]:
         """One reply by the policy to each conversation, through its chat template."""
         o = self.config.online
         # Its own seed, so replies never repeat the random stream the round's samples were drawn with.
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=o.temperature, top_p=o.top_p, seed=self.seed + 7
         )
-        out = self.sampler.generate(chat_prompt_ids(self.tokenizer, conversations), params)
+        with self.progress(what, len(conversations)) as progress:
+            out = self.sampler.generate(chat_prompt_ids(self.tokenizer, conversations), params, progress)
         return [replies[0] for replies in self.decode(out)]
 
     def decode(self, samples: list[list[Sample]]) -> list[list[str]]:
@@ -114,12 +126,14 @@ def nested_run(
     """The config of the ordinary training run nested in an online run: it trains on `data_file`, evaluates on
     the outer run's held-out data (or its prompts), writes to `output_dir`, and resumes there if a run was
     started (its marker exists) unless `train_overrides` say otherwise."""
+    held_out, held_out_split = same_evaluation(config.data)
     data = dataclasses.replace(
         config.data,
         train=str(data_file),
         train_split="train",
         format=data_format,
-        eval=config.data.eval or config.data.train,
+        eval=held_out,
+        eval_split=held_out_split,
         limit=0,
     )
     train_values: dict[str, Any] = {

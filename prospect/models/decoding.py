@@ -1,0 +1,130 @@
+"""A lean decoding loop for CPU sampling: each prompt's prefix runs once for all its samples, and rows that
+stopped leave the batch.
+
+transformers' `generate` prefills every copy of a prompt that is sampled n times and keeps stopped rows in
+the batch until the longest finishes. Here the distinct prompts are prefilled once, their KV cache is
+repeated n times (`DynamicCache.batch_repeat_interleave`), and rows that reach a stop token are dropped from
+the cache (`batch_select_indices`), so each step runs only the rows still writing. Temperature, top-k and
+top-p are transformers' own logits warpers. Greedy decoding gives the tokens `generate` gives.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import cast
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from prospect.models.attention import unwrapped
+
+
+def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' warpers in the order `generate` applies them."""
+    out = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """transformers renamed the forward's `past_key_values` to `cache` (5.x); older releases know only the
+    first."""
+    forward = inspect.signature(unwrapped(model).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, prompts aligned on the right."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    return input_ids, attention
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    prompts: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    stops: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    on_step: Callable[[int], None] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """`n` completions of each prompt, prompt-major: (token ids ending with the stop token when one was
+    reached, whether it was reached). Sampling uses the global RNG (greedy when `temperature` is 0).
+    `on_step(rows)` is called after each decoding step with the number of rows that were decoded."""
+    device = next(model.parameters()).device
+    input_ids, attention = (t.to(device) for t in left_padded(prompts, pad_id))
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    with_cache = {cache_keyword(model): cache, "use_cache": True}
+    # The model's own logits (the full vocabulary) at the last position only.
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        logits_to_keep=1,
+        **with_cache,
+    )
+    logits = output.logits[:, -1].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits, attention = logits.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
+    next_position = attention.sum(-1, keepdim=True)
+    process = warpers(temperature, top_k, top_p)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+    rows = torch.arange(logits.shape[0], device=device)  # which output each row of the batch writes
+    tokens: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    finished = [False] * logits.shape[0]
+    for step in range(max_new_tokens):
+        if temperature > 0:
+            scores = process(cast(torch.LongTensor, input_ids), logits)  # these warpers ignore the ids
+            chosen = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        else:
+            chosen = logits.argmax(-1)
+        stopped = torch.isin(chosen, stop_ids)
+        for row, token, stop in zip(rows.tolist(), chosen.tolist(), stopped.tolist(), strict=True):
+            tokens[row].append(token)
+            finished[row] = stop
+        if on_step:
+            on_step(len(rows))
+        keep = (~stopped).nonzero().squeeze(1)
+        if len(keep) == 0 or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            cache.batch_select_indices(keep)
+            rows, chosen, attention, next_position = (
+                rows[keep],
+                chosen[keep],
+                attention[keep],
+                next_position[keep],
+            )
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        output = model(
+            input_ids=chosen[:, None],
+            attention_mask=attention,
+            position_ids=next_position,
+            **with_cache,
+        )
+        logits, next_position = output.logits[:, -1].float(), next_position + 1
+    return list(zip(tokens, finished, strict=True))
