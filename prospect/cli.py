@@ -58,7 +58,9 @@ DESCRIPTION = (
 EXAMPLES = """examples:
   prospect demo                                   KTO on SmolLM2 with human ratings, a before/after report
   prospect train -c recipes/kto_smollm2_vader.yaml data.train=feedback.jsonl loss.beta=0.2
+  prospect eval runs/kto -o eval.json             the run against its base model: judged scores, win rates, KL
   prospect options train                          the train section's options, defaults and meanings
+  prospect report runs/a runs/b -o report.html    curves, samples and the reward/KL frontier in one HTML file
   prospect COMMAND --help                         a command's own flags"""
 OPTIONS_HINT = """Every recipe option can also be given as section.key=value, e.g. train.learning_rate=1e-5 loss.beta=0.2.
 `prospect options` lists them all with their defaults and meanings; `prospect options eval` one section,
@@ -112,10 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom modelling code from the hub"
     )
+    add_eval_parser(commands)
     options = commands.add_parser("options", help="list every option with its default and meaning")
     options.add_argument(
         "sections", nargs="*", metavar="SECTION", help="only these (model, data, train, ...)"
     )
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML file: training curves, before/after samples, reward/KL frontier, win rates",
+        description=(
+            "Write one HTML file (figures embedded, no network needed) that any browser opens. For each run: "
+            "training curves, the held-out judge before and after with intervals, the same prompts answered "
+            "before and after. For several runs and `prospect eval` files: judged score against KL, one line "
+            "per method, win rates with intervals, comparison tables."
+        ),
+    )
+    report.add_argument(
+        "runs", nargs="*", metavar="RUN", help="run directories (as prospect train writes them)"
+    )
+    report.add_argument(
+        "--eval",
+        "-e",
+        action="append",
+        default=[],
+        metavar="EVAL.json",
+        help="a `prospect eval` JSON file (repeatable)",
+    )
+    report.add_argument("--output", "-o", required=True, help="the HTML file to write, e.g. report.html")
     push = commands.add_parser(
         "push",
         help="publish a run's final/ model on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
@@ -127,6 +152,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EVAL_HELP = "judge checkpoints against a baseline on held-out prompts: scores, win rates with intervals, KL"
+EVAL_EXAMPLES = """examples:
+  prospect eval runs/kto -o eval.json                    the run's final/ against its base model, VADER judge
+  prospect eval runs/kto runs/dpo --judges vader,reward:runs/rm/final,llm:HuggingFaceTB/SmolLM2-360M-Instruct \\
+      --prompts vader --num-prompts 128 -o eval.json
+  prospect eval runs/sft-arith --prompts arithmetic --judges exact-match -o arith.json
+Judges: vader (lexicon sentiment), exact-match (tasks' answers), reward:PATH (a reward model),
+verifier:MODULE:FUNCTION (f(prompt, completion[, fields]) -> float), llm:PATH (a local LLM comparing the two
+completions in both orders), http:URL (an OpenAI-compatible endpoint, likewise; --judge-model, --judge-key-env).
+Win rates count ties as half; intervals are 95% percentile bootstraps over prompts; the length-controlled win
+rate is explained in README's `prospect eval` section."""
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "eval",
+        help=EVAL_HELP,
+        description=EVAL_HELP,
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    arg = sub.add_argument
+    arg(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="run directory (its final/), model dir or hub name",
+    )
+    arg("--output", "-o", required=True, help="JSON file to write (the table is printed)")
+    arg(
+        "--baseline",
+        default="reference",
+        help="'reference' (each run's base model) or a model (default: %(default)s)",
+    )
+    arg("--reference", help="model the KL is measured against (default: the run's base model)")
+    arg(
+        "--prompts",
+        default="vader",
+        help="vader, arithmetic, run (the run's held-out data), a file or dataset",
+    )
+    arg("--num-prompts", type=int, default=256, help="first N distinct prompts (default: %(default)s)")
+    arg("--judges", default="vader", help="comma-separated judges, see below (default: %(default)s)")
+    arg("--judge-model", help="http judge: the model to ask for")
+    arg("--judge-key-env", help="http judge: environment variable holding the API key")
+    arg("--judge-allow-http", action="store_true", help="http judge: allow plain http to another machine")
+    arg("--judge-cot", action="store_true", help="AI judges reason before their verdict")
+    arg("--max-new-tokens", type=int, default=48, help="tokens per completion (default: %(default)s)")
+    arg("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    arg("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)")
+    arg("--batch-size", type=int, default=32, help="prompts generated at once (default: %(default)s)")
+    arg("--seed", type=int, default=0, help="sampling and bootstrap seed (default: %(default)s)")
+    arg("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    arg("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="as train.precision")
+    arg("--overwrite", action="store_true", help="replace an existing output file")
+    arg("--trust-remote-code", action="store_true", help="allow custom modelling code from the hub")
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from prospect.config import EvalConfig
+    from prospect.evaluation.checkpoints import EvalRequest, run_eval
+    from prospect.evaluation.judges import AIJudgeOptions
+    from prospect.options import build_section
+
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap {args.bootstrap}: expected a number of resamples >= 1")
+    sampling = build_section(
+        EvalConfig,
+        {"num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+         "top_p": args.top_p, "batch_size": args.batch_size, "show": 0},
+        "prospect eval: eval",
+    )  # fmt: skip
+    if sampling.num_prompts < 1:
+        raise UserError(f"--num-prompts {args.num_prompts}: expected at least 1")
+    ai = AIJudgeOptions(args.judge_model, args.judge_key_env, args.judge_allow_http, args.judge_cot)
+    run_eval(
+        EvalRequest(
+            args.checkpoints, args.output, args.baseline, args.reference, args.prompts, args.judges,
+            sampling, args.seed, args.bootstrap, args.precision, ai, args.overwrite, args.trust_remote_code,
+        )
+    )  # fmt: skip
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
@@ -136,6 +243,15 @@ def run(argv: list[str] | None = None) -> int:
         from prospect.engine.publish import push
 
         print(f"pushed {args.run}: {push(Path(args.run), args.repo_id, args.public, args.message)}")
+        return 0
+    if args.command == "eval":
+        eval_command(args)
+        return 0
+    if args.command == "report":
+        from prospect.report.page import write_report
+
+        path = write_report([Path(r) for r in args.runs], [Path(e) for e in args.eval], Path(args.output))
+        print(f"report: {path}")
         return 0
     if args.command == "score":
         from prospect.rewards import score_file

@@ -256,6 +256,11 @@ class EvalConfig:
         bounds=NON_NEGATIVE,
     )
     top_p: float = opt(1.0, "Nucleus sampling threshold.", bounds=SHARE)
+    sampler: str = opt(
+        "prospect",
+        "Decoder of the held-out samples: 'prospect' or 'hf' (transformers generate).",
+        ("prospect", "hf"),
+    )
     batch_size: int = opt(32, "Prompts per generation batch.", bounds=AT_LEAST_ONE)
     show: int = opt(3, "Example generations to print before and after.", bounds=NON_NEGATIVE)
     before: bool = opt(True, "Also evaluate before training (online rounds skip it after the first round).")

@@ -13,6 +13,8 @@ from prospect.config import SECTIONS, Config
 from prospect.errors import UserError
 from prospect.options import build_section, parse_override, plain_value, suggest
 
+MARKER = "prospect-run.json"  # in every run directory (engine/rundir.py), beside the config.yaml it ran with
+
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
@@ -80,3 +82,10 @@ def resolve_recipe(path: str) -> Path:
         if candidate.is_file():
             return candidate
     raise UserError(f"{path}: no such recipe file")
+
+
+def run_config(run_dir: Path) -> Config:
+    """The configuration a run directory was made with (its config.yaml)."""
+    if not (run_dir / MARKER).is_file():
+        raise UserError(f"{run_dir}: not a prospect run directory (no {MARKER})")
+    return load_config(str(run_dir / "config.yaml"))

@@ -60,14 +60,14 @@ class FunctionReward:
     function(prompt, completion, fields) when it takes a third argument: the prompt row's other fields,
     e.g. the reference answer a verifier checks against."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, option: str = "online.reward_function"):
         module_name, _, name = spec.partition(":")
         if not module_name or not name:
-            raise UserError(f"online.reward_function={spec!r}: expected 'module:function'")
+            raise UserError(f"{option}={spec!r}: expected 'module:function'")
         try:
             self.function = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError) as exc:
-            raise UserError(f"online.reward_function={spec!r}: cannot import it ({exc})") from None
+            raise UserError(f"{option}={spec!r}: cannot import it ({exc})") from None
         self.spec = spec
         self.wants_fields = len(inspect.signature(self.function).parameters) >= 3
 

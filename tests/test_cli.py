@@ -77,7 +77,7 @@ def test_options_explains_every_option(capsys):
 def test_help_says_what_prospect_does_and_train_help_is_its_own_flags(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "aligns language models with feedback" in out
-    assert all(f"    {command}" in out for command in ("train", "demo", "loop", "score", "options"))
+    assert all(f"    {command}" in out for command in ("train", "demo", "loop", "score", "options", "report"))
     code, out, _ = run_cli(["train", "--help"], capsys)
     assert code == 0 and "--config" in out and "--resume" in out and "`prospect options`" in out
     assert "train.learning_rate = " not in out and len(out.splitlines()) < 30

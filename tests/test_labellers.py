@@ -12,15 +12,13 @@ from typing import ClassVar
 import pytest
 
 from prospect.errors import UserError
+from prospect.evaluation.ai_judges import HTTPJudge, parse_rating, parse_verdict
 from prospect.online.labellers import (
     Group,
-    HTTPJudge,
     JudgeLabeller,
     balance_labels,
     binary_labels,
     filtered,
-    parse_rating,
-    parse_verdict,
     select_pairs,
 )
 

@@ -30,6 +30,7 @@ LAYERS = [
     ("rewards", ("prospect.rewards",)),
     ("losses", ("prospect.losses",)),
     ("evaluation", ("prospect.evaluation",)),
+    ("report", ("prospect.report",)),
     ("engine", ("prospect.engine",)),
     ("online", ("prospect.online",)),
     ("cli", ("prospect.cli",)),

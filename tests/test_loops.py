@@ -13,7 +13,8 @@ import yaml
 
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
-from prospect.online.labellers import HTTPJudge, JudgeLabeller
+from prospect.evaluation.ai_judges import HTTPJudge
+from prospect.online.labellers import JudgeLabeller
 from prospect.online.rounds import run_loop
 from prospect.online.session import SamplingSession, nested_run
 from prospect.recipe import load_config

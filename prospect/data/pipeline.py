@@ -126,8 +126,12 @@ def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> 
 
 def load_eval_prompts(cfg: DataConfig, encoder: Encoder, limit: int) -> list[EncodedPrompt]:
     """The first `limit` distinct prompts of the held-out data, ready for generation, with their fields."""
-    examples = to_prompts(*read_heldout_parsed(cfg, any_format=True), cfg, 0)[:limit]
-    return encode_prompts(examples, encoder)
+    return encode_prompts(read_eval_prompts(cfg, limit), encoder)
+
+
+def read_eval_prompts(cfg: DataConfig, limit: int) -> list[Example]:
+    """The first `limit` distinct prompts of the held-out data, with their fields."""
+    return to_prompts(*read_heldout_parsed(cfg, any_format=True), cfg, 0)[:limit]
 
 
 def read_heldout(cfg: DataConfig, needs: DataShape, seed: int) -> list[Example] | list[Pair] | list[Ranking]:

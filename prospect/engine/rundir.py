@@ -21,9 +21,9 @@ from prospect import __version__
 from prospect.config import SECTIONS, Config
 from prospect.errors import UserError
 from prospect.io import write_text_atomic
+from prospect.recipe import MARKER
 
 log = logging.getLogger(__name__)
-MARKER = "prospect-run.json"
 # What prospect writes in a run directory (trainer, online rounds, best-of-N).
 WRITTEN = (
     MARKER,
@@ -34,6 +34,7 @@ WRITTEN = (
     "eval_before.json",
     "eval_after.json",
     "report.json",
+    "report.html",
     "rounds.jsonl",
     "round-*",
     "samples.jsonl",

@@ -53,6 +53,7 @@ from prospect.models.reference import (
     store_linears_in_bf16,
 )
 from prospect.progress import Progress, duration
+from prospect.report.page import write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,10 @@ class Trainer:
             self.accelerator.end_training()
         if is_main:
             finish_run(self.run_dir, t)  # the model card, with the held-out results; the push if asked
-            report = f"; report: {self.run_dir / 'report.json'}" if before and after else ""
+            shown = ([self.run_dir / "report.json"] if before and after else []) + (
+                [write_run_report(self.run_dir)] if after else []  # report.html: curves, samples
+            )
+            report = f"; report: {' and '.join(map(str, shown))}" if shown else ""
             took = duration(time.perf_counter() - started)
             print(f"done in {took}; model: {final}{report}{self.evals.summary()}", flush=True)
         return final

@@ -55,7 +55,7 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     items: list[EncodedPrompt],
     policy_logps: Callable[[Sequences], torch.Tensor],
-    reference_logps: Callable[[Sequences], torch.Tensor],
+    reference_logps: Callable[[Sequences], torch.Tensor] | None,
     judge: Judge | None,
     cfg: EvalConfig,
     seed: int,
@@ -63,9 +63,11 @@ def evaluate(
     verbose: bool = False,
     label: str = "",
 ) -> HeldOutResult:
+    """Sample each prompt once, judge the samples, and measure the KL to the reference on them (none when
+    `reference_logps` is None: the model is the reference). Each sample records its completion's tokens."""
     started = time.perf_counter()
     prompts = [it.prompt_ids for it in items]
-    sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size, bf16=bf16)
+    sampler = HFSampler(model, tokenizer, batch_size=cfg.batch_size, bf16=bf16, decoder=cfg.sampler)
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
     )
@@ -77,7 +79,7 @@ def evaluate(
     with torch.no_grad(), scoring as progress:
         for start in range(0, len(prompts), cfg.batch_size):
             keep = [i for i in range(start, min(start + cfg.batch_size, len(prompts))) if completions[i]]
-            if keep:
+            if keep and reference_logps is not None:
                 seqs = pad([prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id)
                 seqs = seqs.to(next(model.parameters()).device)
                 kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
@@ -91,15 +93,20 @@ def evaluate(
         kl_stderr=stderr(kls),
         length_mean=statistics.fmean(len(c) for c in completions),
         samples=[
-            {"prompt": tokenizer.decode(p), "completion": t, "score": None if scores is None else scores[i]}
+            {
+                "prompt": tokenizer.decode(p),
+                "completion": t,
+                "score": None if scores is None else scores[i],
+                "tokens": len(completions[i]),
+            }
             for i, (p, t) in enumerate(zip(prompts, texts))
         ],
     )
     if verbose:
         judged = f"judge {result.judge_mean:+.3f} ± {result.judge_stderr:.3f}, " if scores else ""
+        kl = f"KL {result.kl_mean:.3f} ± {result.kl_stderr:.3f}, " if reference_logps else ""
         print(
-            f"{label}: {judged}KL {result.kl_mean:.3f} ± {result.kl_stderr:.3f}, {result.length_mean:.1f} tokens "
-            f"({time.perf_counter() - started:.0f}s)",
+            f"{label}: {judged}{kl}{result.length_mean:.1f} tokens ({time.perf_counter() - started:.0f}s)",
             flush=True,
         )
         for sample_ in result.samples[: cfg.show]:

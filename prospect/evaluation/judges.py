@@ -1,17 +1,24 @@
 """Judges that score generated text independently of the training labels.
 
 A judge is called as judge(texts, prompts) -> scores, where `prompts` (EncodedPrompt items, or None) carry
-the prompt and the row's fields for judges that need them, such as an exact-match verifier."""
+the prompt and the row's fields for judges that need them, such as an exact-match verifier. `prospect eval`
+names its judges (`load_judge`): these scoring judges, and AI judges that compare two completions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from prospect.config import OnlineConfig
+from prospect.config import ModelConfig, OnlineConfig
+from prospect.data.formats import Text
 from prospect.errors import UserError
-from prospect.rewards import load_reward
+from prospect.evaluation.ai_judges import AIJudge, HTTPJudge, LocalJudge
+from prospect.models.loading import load_model, looks_local
+from prospect.recipe import MARKER
+from prospect.rewards import FunctionReward, load_reward
 
 Judge = Callable[[list[str], list | None], list[float]]
 
@@ -50,3 +57,91 @@ def get_judge(
     if name == "reward":
         return reward_judge(online or OnlineConfig(), device or torch.device("cpu"), bf16)
     raise UserError(f"unknown judge '{name}'; expected vader, reward or none")
+
+
+# ----- the judges of `prospect eval`, by name ---------------------------------------------------
+
+JUDGE_NAMES = "vader, exact-match, reward:PATH, verifier:MODULE:FUNCTION, llm:PATH, http:URL"
+Compare = Callable[[list[Text], list[tuple[str, str]]], list[float | None]]
+
+
+@dataclass
+class AIJudgeOptions:
+    """How `llm:` and `http:` judges are asked: the HTTP endpoint's model and key, reasoning first or not."""
+
+    model: str | None = None
+    key_env: str | None = None
+    allow_http: bool = False
+    cot: bool = False
+
+
+@dataclass
+class NamedJudge:
+    """A judge as the user named it. A scoring judge scores each completion (`score`); an AI judge compares
+    a model's completion with the baseline's in both orders (`compare`: P(first is better), None when its
+    verdict could not be read) and counts its calls (`ai`)."""
+
+    name: str
+    score: Judge | None = None
+    compare: Compare | None = None
+    ai: AIJudge | None = None
+
+
+def check_judges(names: str, options: AIJudgeOptions) -> list[str]:
+    """The comma-separated judge names, each checked (paths exist, functions import, URLs are https) before
+    anything slow runs."""
+    judges = [n.strip() for n in names.split(",") if n.strip()]
+    if not judges:
+        raise UserError(f"--judges: name at least one judge ({JUDGE_NAMES})")
+    if len(set(judges)) < len(judges):
+        raise UserError(f"--judges {names}: a judge is named twice")
+    for name in judges:
+        kind, _, arg = name.partition(":")
+        if name in ("vader", "exact-match"):
+            continue
+        if kind not in ("reward", "verifier", "llm", "http") or not arg:
+            raise UserError(f"--judges: unknown judge '{name}'; expected {JUDGE_NAMES}")
+        if kind in ("reward", "llm") and looks_local(arg) and not Path(arg).expanduser().exists():
+            what = "a reward model: a reward run or its final/" if kind == "reward" else "a causal LM"
+            raise UserError(f"--judges {name}: no such directory (expected {what}, or a hub name)")
+        if kind == "verifier":
+            FunctionReward(arg, "--judges verifier")
+        if kind == "http":
+            http_judge(arg, options)
+    return judges
+
+
+def http_judge(url: str, options: AIJudgeOptions) -> HTTPJudge:
+    if not (options.model and options.key_env):
+        raise UserError(
+            f"--judges http:{url} needs --judge-model (the model to ask for) and --judge-key-env (the name of the "
+            "environment variable holding the API key)"
+        )
+    return HTTPJudge(
+        url,
+        options.model,
+        options.key_env,
+        allow_http=options.allow_http,
+        options=("--judges http", "--judge-allow-http"),
+    )
+
+
+def load_judge(name: str, options: AIJudgeOptions, device: torch.device, bf16: bool) -> NamedJudge:
+    """The judge `name` (checked by check_judges), loaded."""
+    kind, _, arg = name.partition(":")
+    if name == "vader":
+        return NamedJudge(name, score=vader_judge())
+    if kind in ("verifier", "exact-match"):
+        online = OnlineConfig(reward_function=arg or "prospect.data.tasks:exact_match")
+        return NamedJudge(name, score=reward_judge(online, device, bf16))
+    if kind in ("reward", "llm") and (Path(arg) / MARKER).is_file():
+        arg = str(Path(arg) / "final")  # a run directory: its model
+    if kind == "reward":
+        return NamedJudge(name, score=reward_judge(OnlineConfig(reward_model=arg), device, bf16))
+    if kind == "llm":
+        model, tokenizer = load_model(ModelConfig(name=arg))
+        complete: LocalJudge | HTTPJudge = LocalJudge(model.to(device), tokenizer, bf16=bf16)  # type: ignore[arg-type]
+    else:
+        complete = http_judge(arg, options)
+    ai = AIJudge(complete, cot=options.cot)
+    return NamedJudge(name, compare=ai.compare, ai=ai)

@@ -34,18 +34,16 @@ from prospect.data.pipeline import read_prompts
 from prospect.data.splits import evaluates
 from prospect.engine.rundir import RunDir
 from prospect.errors import UserError
+from prospect.evaluation.ai_judges import HTTPJudge, LocalJudge, prompt_text
 from prospect.io import read_jsonl, write_jsonl, write_text_atomic
 from prospect.losses import LossSpec, get_loss
 from prospect.models.loading import load_model, resolve_model_source
 from prospect.online.labellers import (
     Group,
-    HTTPJudge,
     JudgeLabeller,
-    LocalJudge,
     balance_labels,
     binary_labels,
     filtered,
-    prompt_text,
     select_pairs,
 )
 from prospect.online.session import SamplingSession, nested_run

@@ -16,10 +16,11 @@ from prospect.data.pipeline import encode_prompts, read_prompts
 from prospect.data.splits import evaluates, same_evaluation
 from prospect.data.tokenize import Encoder
 from prospect.engine.rundir import MARKER
+from prospect.evaluation.ai_judges import chat_prompt_ids
 from prospect.models.loading import load_model
 from prospect.models.precision import use_bf16
 from prospect.models.sampling import HFSampler, Sample, SamplingParams, rollout_params
-from prospect.online.labellers import Group, chat_prompt_ids
+from prospect.online.labellers import Group
 from prospect.progress import Progress
 from prospect.rewards import load_reward
 
