@@ -102,6 +102,12 @@ class DataConfig:
         None, "Rated rows: the lowest valid rating (a rating below it is an error)."
     )
     rating_max: float | None = opt(None, "Rated rows: the highest valid rating.")
+    ratings_for_unpaired: str = opt(
+        "labels",
+        "Rated rows for unpaired losses (KTO): 'labels' by the thresholds below, or 'pairs' formed as for "
+        "pairwise losses (pair_min_gap, max_pairs_per_prompt), then split by unpaired_from_pairs.",
+        ("labels", "pairs"),
+    )
     desirable_above: float = opt(0.5, "Rated rows: a rating above this is desirable (for unpaired losses).")
     undesirable_below: float = opt(
         -0.5, "Rated rows: a rating below this is undesirable; in between is left out."

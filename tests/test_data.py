@@ -11,7 +11,7 @@ import torch
 
 from prospect.config import DataConfig
 from prospect.data.batching import microbatch_slice, pad, step_indices
-from prospect.data.convert import unpair
+from prospect.data.convert import to_pairs, to_unpaired, unpair
 from prospect.data.formats import parse_rows
 from prospect.data.pipeline import read_training
 from prospect.data.shapes import make_batch
@@ -85,6 +85,27 @@ def test_pairs_to_unpaired_keeps_each_pair():
         assert sorted((e.completion, e.label) for e in mine) == sorted(
             [(pair.chosen, True), (pair.rejected, False)]
         )
+
+
+def test_ratings_become_the_pairwise_losses_pairs_for_kto_when_asked():
+    """data.ratings_for_unpaired=pairs: KTO trains on both sides of exactly the pairs DPO would get, not on
+    thresholded ratings."""
+    rows = [
+        {"prompt": f"Review film {i // 3}.", "completion": f"Take {i}.", "rating": r}
+        for i, r in enumerate([3.0, 0.0, -2.5, 2.0, 1.5, -1.0])
+    ]
+    kind, parsed = parse_rows(read_rows_from(rows), "rated")
+    cfg = DataConfig(pair_min_gap=2.0, ratings_for_unpaired="pairs")
+    pairs = to_pairs(kind, parsed, cfg, seed=0)
+    examples = to_unpaired(kind, parsed, cfg, seed=0)
+    expected = sorted((str(p.chosen), True) for p in pairs) + sorted((str(p.rejected), False) for p in pairs)
+    got = sorted((str(e.completion), e.label) for e in examples if e.label) + sorted(
+        (str(e.completion), e.label) for e in examples if not e.label
+    )
+    # Gaps of at least 2: (3, 0), (3, -2.5), (0, -2.5) for the first film, (2, -1), (1.5, -1) for the second.
+    assert len(pairs) == 5 and got == expected
+    thresholded = to_unpaired(kind, parsed, DataConfig(pair_min_gap=2.0), seed=0)
+    assert len(thresholded) == 5  # 0.0 lies between the thresholds and is left out
 
 
 def read_rows_from(rows):

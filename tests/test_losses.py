@@ -42,6 +42,7 @@ def margins(beta=1.0):
 def test_every_registered_loss_is_tested_here():
     here = {"kto", "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "slic", "simpo", "orpo", "sft", "csft"}
     elsewhere = {"reward_bt", "reward_margin", "reward_regression", "ppo"}  # test_reward.py, test_ppo.py
+    elsewhere |= {"grpo", "rloo"}  # test_grpo.py
     elsewhere |= {"kto_zero", "kto_logsigmoid"}  # test_kto_loss.py
     tested = here | elsewhere
     assert set(LOSSES) == tested

@@ -17,7 +17,16 @@ from prospect.report.eval_file import load_eval
 from prospect.report.markup import fmt, framing
 from prospect.report.page import method_labels, write_report
 from prospect.report.plots import moving_average
-from prospect.report.runs import curves, frontier_points, load_run, pair_samples, read_log
+from prospect.report.runs import (
+    Point,
+    common_kl_levels,
+    curves,
+    frontier_points,
+    load_run,
+    pair_samples,
+    read_log,
+    score_at_kl,
+)
 from tests.browser import Browser, install_chromium
 from tests.helpers import tiny_overrides
 from tests.test_cli import run_cli
@@ -415,3 +424,20 @@ def test_runs_and_eval_files_compared_in_a_browser(tmp_path, capsys, browser):
     assert HOSTILE not in html and not re.search(r"(src|href)=\"(?!data:image/png;base64,|#)|url\(", html)
     for uri in re.findall(r'src="data:image/png;base64,([^"]+)"', html):
         assert base64.b64decode(uri)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_at_equal_kl_interpolates_between_bracketing_checkpoints():
+    points = [
+        Point("before", 0, 0.20, 0.03, 0.0, 0.0),
+        Point("step 50", 50, 0.30, 0.04, 1.0, 0.1),
+        Point("after", 100, 0.50, 0.04, 3.0, 0.2),
+    ]
+    score, se = score_at_kl(points, 2.0)  # halfway from step 50 to 100
+    assert score == pytest.approx(0.40)
+    assert se == pytest.approx(math.hypot(0.5 * 0.04, 0.5 * 0.04))
+    assert score_at_kl(points, 1.0) == (pytest.approx(0.30), pytest.approx(0.04))
+    assert score_at_kl(points, 0.25)[0] == pytest.approx(0.225)
+    assert score_at_kl(points, 3.5) is None  # beyond the run's reach
+    other = [Point("before", 0, 0.2, 0.03, 0.0, 0.0), Point("after", 100, 0.4, 0.04, 2.0, 0.1)]
+    assert common_kl_levels([points, other]) == [0.5, 1.0, 1.5, 2.0]
+    assert common_kl_levels([points]) == []  # one run: nothing to compare

@@ -27,11 +27,12 @@ def to_unpaired(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Exa
     rng = random.Random(seed)
     if kind == "unpaired":
         examples = list(parsed)
-    elif kind == "rated":
+    elif kind == "rated" and cfg.ratings_for_unpaired == "labels":
         examples = [labelled(e, cfg) for e in parsed]
         examples = [e for e in examples if e.label is not None]
-    elif kind in ("paired", "ranked"):
-        examples = unpair(parsed if kind == "paired" else ranked_pairs(parsed), cfg.unpaired_from_pairs, rng)
+    elif kind in ("paired", "ranked", "rated"):
+        pairs = to_pairs(kind, parsed, cfg, seed) if kind != "paired" else parsed
+        examples = unpair(pairs, cfg.unpaired_from_pairs, rng)
         rng.shuffle(examples)  # no blocks of one label, whatever order batches are later drawn in
     else:  # completions or prompts
         raise UserError(

@@ -1,4 +1,5 @@
-"""The trainer a loss runs in, by its declared loop: the offline engine, or PPO's rollouts on top of it."""
+"""The trainer a loss runs in, by its declared loop: the offline engine, or rollouts on top of it (PPO with a
+critic; GRPO and RLOO with group baselines)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import Callable
 
 from prospect.config import Config
 from prospect.engine.ppo import PPOTrainer
+from prospect.engine.rollout import GroupTrainer
 from prospect.engine.trainer import StepResult, Trainer
 from prospect.losses import get_loss
 
-TRAINERS: dict[str, type[Trainer]] = {"offline": Trainer, "ppo": PPOTrainer}
+TRAINERS: dict[str, type[Trainer]] = {"offline": Trainer, "ppo": PPOTrainer, "group": GroupTrainer}
 
 
 def make_trainer(

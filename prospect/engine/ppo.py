@@ -1,4 +1,5 @@
-"""PPO for RLHF on the engine: each engine step is one rollout batch followed by several PPO updates.
+"""PPO for RLHF on the engine's rollout loop (engine/rollout.py): each step is one rollout followed by several
+PPO updates.
 
 rollout: the policy samples completions for a batch of prompts; a reward model or function scores them;
 the rollout policy, the reference and the critic give per-token log-probs and values (no gradient).
@@ -6,7 +7,6 @@ rewards: -kl_coef * KL estimate at every completion token, plus the score on the
 advantages: GAE over completion tokens, whitened over the rollout (across processes).
 updates: `ppo_epochs` passes over the rollout in `minibatches`, each an optimizer update of the `ppo`
 loss (clipped ratio, clipped value loss, optional entropy bonus); then the adaptive KL controller moves.
-Setup, the reference, checkpoints, logging and held-out evaluation are the engine's own.
 """
 
 from __future__ import annotations
@@ -17,21 +17,15 @@ import torch
 from torch import nn
 
 from prospect.config import Config
-from prospect.data.batching import Sequences, pad
-from prospect.data.tokenize import EncodedPrompt, all_instances
+from prospect.data.batching import Sequences
 from prospect.engine.metrics import StepStats
-from prospect.engine.sharding import gathered
+from prospect.engine.rollout import Rollout, RolloutTrainer
 from prospect.engine.trainer import StepResult, Trainer
-from prospect.errors import UserError
 from prospect.losses.advantages import gae, masked_mean, whiten
-from prospect.losses.base import LossInputs, TokenInputs
 from prospect.losses.kl_control import KLController
-from prospect.losses.ppo import kl_penalty
 from prospect.models.attention import unwrapped
-from prospect.models.sampling import HFSampler, rollout_params
 from prospect.models.scalar_head import ScalarScorer, load_reward_model, score_head
 from prospect.models.scoring import TokenScorer
-from prospect.rewards import check_reward, load_reward
 
 
 class ActorCritic(nn.Module):
@@ -76,52 +70,14 @@ class ActorCritic(nn.Module):
         return out.logps, out.entropy, values[:, :-1]
 
 
-def take(seqs: Sequences, rows: torch.Tensor) -> tuple[Sequences, int]:
-    """The given rows of a right-padded batch, cropped to their longest sequence."""
-    if seqs.attention_mask is None:
-        raise ValueError("take: expected padded rows with an attention mask, not packed ones")
-    width = int(seqs.attention_mask[rows].sum(-1).max())
-    index = torch.arange(len(rows), device=rows.device).unsqueeze(1).expand(-1, width)
-    kept = seqs.sequence_index[rows, :width] >= 0
-    sub = Sequences(
-        seqs.input_ids[rows, :width],
-        seqs.attention_mask[rows, :width],
-        seqs.completion_mask[rows, :width],
-        torch.where(kept, index, -1),
-        len(rows),
-    )
-    return sub, width
+class PPOTrainer(RolloutTrainer):
+    """The rollout loop with a critic: per-token rewards (the KL penalty, the score on the last token), GAE
+    advantages and returns, the clipped value loss, and the KL controller, whose coefficient checkpoints keep."""
 
-
-class PPOTrainer(Trainer):
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
         super().__init__(config, callbacks)
-        p, online = self.params, config.online
-        if config.train.grad_accum != 1:
-            raise UserError(
-                "train.grad_accum: PPO splits each rollout into loss.minibatches instead; set it to 1"
-            )
-        if online.sampler == "vllm":
-            raise UserError(
-                "online.sampler=vllm: PPO samples from the live policy every step; use 'prospect'"
-            )
-        self.reward = load_reward(online, self.device, self.bf16)
+        p = self.params
         self.kl = KLController(p.kl_coef, p.kl_target or None, p.kl_horizon)
-        self.sampler = HFSampler(
-            self.accelerator.unwrap_model(self.policy).model,
-            self.tokenizer,
-            batch_size=online.batch_size,
-            bf16=self.bf16,
-            decoder=online.sampler,
-        )
-
-    def check_options(self) -> None:
-        super().check_options()
-        check_reward(self.cfg.online)
-        if self.cfg.train.reference_cache:
-            raise UserError(
-                "train.reference_cache: PPO scores new samples every step; there is nothing to cache"
-            )
 
     def build_scorer(self) -> nn.Module:
         p, m = self.params, self.cfg.model
@@ -141,8 +97,11 @@ class PPOTrainer(Trainer):
         critic_model, _ = load_reward_model(critic_cfg)
         return ActorCritic(actor, critic=ScalarScorer(critic_model, score_head(critic_model), bf16=self.bf16))
 
-    def updates_per_step(self) -> int:
-        return self.params.ppo_epochs * self.params.minibatches
+    def passes(self) -> tuple[int, int]:
+        return self.params.ppo_epochs, self.params.minibatches
+
+    def kl_estimator(self) -> str:
+        return self.params.kl_estimator
 
     def loop_state(self) -> dict:
         return {**super().loop_state(), "kl_coef": self.kl.coef}
@@ -151,123 +110,43 @@ class PPOTrainer(Trainer):
         super().load_loop_state(state)
         self.kl.coef = state.get("kl_coef", self.kl.coef)
 
-    # ----- one rollout and its updates ----------------------------------------------------------
-    def rollout(self) -> dict:
-        rank = self.accelerator.process_index
-        (indices,) = self.order.microbatches(self.step, rank)
-        prompts = [self.data.items[i] for i in indices]
-        if not all_instances(prompts, EncodedPrompt):
-            raise ValueError("PPO samples from prompts; the training items are not prompts")
-        params = rollout_params(
-            self.cfg.online, self.cfg.train.seed * 1_000_003 + self.step * self.world + rank
+    def forward(self, seqs: Sequences, rollout: bool) -> dict[str, torch.Tensor]:
+        """The actor's log-probs and the critic's values; in an update, the entropy too."""
+        out = self.policy(
+            seqs.input_ids, seqs.attention_mask, seqs.completion_mask, mode="values" if rollout else "train"
         )
-        with gathered(self.policy):
-            samples = self.sampler.generate([p.prompt_ids for p in prompts], params)
-        rows = [(p, s) for p, group in zip(prompts, samples) for s in group]
-        texts = self.tokenizer.batch_decode([s.token_ids for _, s in rows], skip_special_tokens=True)
-        rewarded = self.reward([p.prompt for p, _ in rows], texts, [p.fields for p, _ in rows])
-        scores = torch.tensor(rewarded, device=self.device)
-        seqs = pad(
-            [p.prompt_ids for p, _ in rows], [s.token_ids for _, s in rows], self.tokenizer.pad_token_id
-        )
-        seqs = seqs.to(self.device)
-        if self.live_reference is None:
-            raise ValueError("PPO's KL penalty needs the live reference model")
-        with torch.no_grad():
-            old_logps, _, old_values = self.policy(
-                seqs.input_ids, seqs.attention_mask, seqs.completion_mask, mode="values"
-            )
-            reference = self.live_reference.token_logps(seqs)
-        mask = seqs.completion_mask[:, 1:].float()
-        kl = kl_penalty(old_logps, reference, self.params.kl_estimator) * mask
-        rewards = -self.kl.coef * kl
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
-        rewards[torch.arange(len(rows)), last] += scores
-        advantages, returns = gae(rewards, old_values, mask, self.params.gamma, self.params.lam)
-        if self.params.whiten_advantages:
-            advantages = whiten(advantages, mask, lambda x: self.accelerator.reduce(x, "sum"))
-        return {
-            "seqs": seqs,
-            "mask": mask,
-            "old_logps": old_logps,
-            "old_values": old_values,
-            "advantages": advantages,
-            "returns": returns,
-            "scores": scores,
-            "kl": kl.sum(-1),
-            "lengths": mask.sum(-1),
-            "finished": torch.tensor([float(s.finished) for _, s in rows]),
-            "locations": [p.location for p, _ in rows],
-        }
+        logps, entropy, values = out
+        if rollout:
+            return {"old_logps": logps, "old_values": values}
+        return {"logps": logps, "entropy": entropy, "values": values}
 
-    def train_step(self) -> dict[str, float]:
-        p, acc = self.params, self.accelerator
-        batch = self.rollout()
-        self.policy.train()  # the rollout sampled in eval mode
-        n = batch["seqs"].num_sequences
-        stats = StepStats()
-        generator = torch.Generator().manual_seed(
-            self.cfg.train.seed * 7919 + self.step * self.world + acc.process_index
-        )
-        grad_norm, skipped = 0.0, 0
-        for _ in range(p.ppo_epochs):
-            for rows in torch.randperm(n, generator=generator).chunk(p.minibatches):
-                rows = rows.to(self.device)
-                seqs, width = take(batch["seqs"], rows)
-                crop = {
-                    k: batch[k][rows, : width - 1]
-                    for k in ("old_logps", "advantages", "old_values", "returns", "mask")
-                }
-                logps, entropy, values = self.policy(
-                    seqs.input_ids, seqs.attention_mask, seqs.completion_mask, mode="train"
-                )
-                tokens = TokenInputs(
-                    logps,
-                    crop["old_logps"],
-                    crop["advantages"],
-                    values,
-                    crop["old_values"],
-                    crop["returns"],
-                    crop["mask"],
-                    entropy,
-                )
-                out = self.spec.compute(LossInputs(tokens=tokens), self.params)
-                units = acc.reduce(tokens.mask.sum(), "sum")
-                loss = out.losses.sum() * self.world / units
-                acc.backward(loss)
-                for name, (total, count) in out.means.items():
-                    stats.add_mean(name, total, count)
-                total_loss = float(acc.reduce(loss.detach(), "sum")) / self.world
-                locations = [batch["locations"][i] for i in rows.tolist()]
-                grad_norm, updated = self.optimizer_step(total_loss, locations)
-                skipped += not updated
-        mask = batch["mask"]
-        residual = (batch["returns"] - batch["old_values"]) * mask
-        for name, values in (
-            ("score", batch["scores"]),
-            ("kl", batch["kl"]),
-            ("length", batch["lengths"]),
-            ("finished", batch["finished"].to(self.device)),
-        ):
-            stats.add_mean(name, values.sum(), float(values.numel()))
-        stats.add_mean(
-            "returns_var",
-            ((batch["returns"] - masked_mean(batch["returns"], mask)) ** 2 * mask).sum(),
-            mask.sum(),
-        )
+    def advantages(self, batch: Rollout) -> None:
+        """-kl_coef * KL at every completion token and the score on the last, through GAE; whitened."""
+        mask, p = batch["mask"], self.params
+        rewards = -self.kl.coef * batch["token_kl"]
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+        rewards[torch.arange(len(last)), last] += batch["scores"]
+        advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = whiten(advantages, mask, lambda x: self.accelerator.reduce(x, "sum"))
+        batch["advantages"] = advantages
+
+    def finish_metrics(self, batch: Rollout, stats: StepStats) -> Callable[[dict[str, float]], None]:
+        """Explained variance of the returns by the values, the reward net of the KL penalty; then the KL
+        controller moves."""
+        mask, returns = batch["mask"], batch["returns"]
+        residual = (returns - batch["old_values"]) * mask
+        stats.add_mean("returns_var", ((returns - masked_mean(returns, mask)) ** 2 * mask).sum(), mask.sum())
         stats.add_mean(
             "residual_var", ((residual - masked_mean(residual, mask)) ** 2 * mask).sum(), mask.sum()
         )
-        stats.add_total("tokens", float(batch["seqs"].tokens * p.ppo_epochs))
-        metrics = stats.reduce(lambda x: acc.reduce(x.to(self.device), "sum").cpu())
-        metrics["explained_variance"] = 1.0 - metrics.pop("residual_var") / max(
-            metrics.pop("returns_var"), 1e-8
-        )
-        metrics["kl_coef"] = self.kl.coef
-        metrics["reward"] = metrics["score"] - self.kl.coef * metrics["kl"]
-        metrics["grad_norm"] = grad_norm
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        if skipped:
-            metrics["skipped"] = float(skipped)
-        self.kl.update(metrics["kl"], self.global_batch * self.cfg.online.samples_per_prompt)
-        return metrics
+
+        def finish(metrics: dict[str, float]) -> None:
+            metrics["explained_variance"] = 1.0 - metrics.pop("residual_var") / max(
+                metrics.pop("returns_var"), 1e-8
+            )
+            metrics["kl_coef"] = self.kl.coef
+            metrics["reward"] = metrics["score"] - self.kl.coef * metrics["kl"]
+            self.kl.update(metrics["kl"], self.global_batch * self.cfg.online.samples_per_prompt)
+
+        return finish

@@ -70,6 +70,7 @@ class Trainer:
         self.callbacks = callbacks or []
         self.spec = get_loss(config.loss_name)
         self.params = self.spec.make_params(config.loss, f"{config.source}: loss")
+        self.spec = self.spec.resolved(self.params)  # a declaration may follow its options (GRPO, beta 0)
         self.head = HEADS[self.spec.model]
         self.check_options()
         # With no GPU, multi-process launches run over gloo on the CPU (DDP, FSDP2 or DeepSpeed ZeRO).

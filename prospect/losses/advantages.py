@@ -43,3 +43,28 @@ def whiten(
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def tied(rewards: torch.Tensor) -> torch.Tensor:
+    """[groups, 1]: whether every reward of a group is the same (the group carries no learning signal)."""
+    return rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True)
+
+
+def group_relative(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al., 2024): each sample's reward against its group's, [groups, G] -> [groups, G]:
+    (r - mean_group) / (std_group + eps) with the unbiased std, or r - mean_group when not `scale` (Dr. GRPO:
+    scaling favours prompts whose rewards barely differ). A group of equal rewards gives exactly 0."""
+    advantages = rewards - rewards.mean(-1, keepdim=True)
+    if scale:
+        advantages = advantages / (rewards.std(-1, keepdim=True) + eps)
+    return torch.where(tied(rewards), torch.zeros_like(rewards), advantages)
+
+
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO (Kool et al., 2019; Ahmadian et al., 2024): A_i = r_i - mean_{j != i} r_j within each group,
+    [groups, G] -> [groups, G], G >= 2. A group of equal rewards gives exactly 0."""
+    size = rewards.shape[-1]
+    if size < 2:
+        raise ValueError("leave_one_out: a group needs at least 2 samples")
+    baseline = (rewards.sum(-1, keepdim=True) - rewards) / (size - 1)
+    return torch.where(tied(rewards), torch.zeros_like(rewards), rewards - baseline)

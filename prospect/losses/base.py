@@ -5,11 +5,14 @@ computes the inputs, and normalises: every loss returns per-unit losses whose su
 the number of units in the whole optimizer step, across microbatches and processes.
 
 A method's own machinery is a hook on its declaration, so the engine calls it without knowing the method:
-`reference_point` (KTO's KL estimate from mismatched pairs) and `prompt_tokens` (CSFT's control tokens).
+`reference_point` (KTO's KL estimate from mismatched pairs), `prompt_tokens` (CSFT's control tokens) and
+`group_advantages` (GRPO's and RLOO's baselines). `adapt` lets the declaration follow the options (GRPO with
+no KL term needs no reference model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
@@ -27,8 +30,12 @@ if TYPE_CHECKING:
 Head = Literal["policy", "reward"]
 # What per-unit losses are averaged over in a step: examples (or pairs, lists), or completion tokens.
 Normalize = Literal["units", "tokens"]
-# How an engine step runs: batches of a dataset, or rollouts sampled from the policy (engine/ppo.py).
-Loop = Literal["offline", "ppo"]
+# How an engine step runs: batches of a dataset, or rollouts sampled from the policy: with a critic
+# (engine/ppo.py), or critic-free with advantages from each prompt's group of samples (engine/rollout.py).
+Loop = Literal["offline", "ppo", "group"]
+# Critic-free policy gradient: each sample's advantage from the sequence rewards of its prompt's group
+# [prompts, G], their sequence KL to the reference (None without one) and the loss's params.
+GroupAdvantages = Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor]
 
 
 @dataclass
@@ -38,17 +45,24 @@ class TokenInputs:
     logps: torch.Tensor  # log pi(a_t | s_t) now (with gradient)
     old_logps: torch.Tensor  # at rollout time
     advantages: torch.Tensor
-    values: torch.Tensor  # value estimates now (with gradient)
-    old_values: torch.Tensor
-    returns: torch.Tensor
     mask: torch.Tensor  # action (completion) positions
+    values: torch.Tensor | None = None  # a critic's value estimates now (with gradient)
+    old_values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    reference_logps: torch.Tensor | None = None  # under the frozen reference (a KL term in the loss)
+    budget: int = 0  # the most completion tokens a rollout samples (online.max_new_tokens)
 
-    def require_entropy(self) -> torch.Tensor:
-        if self.entropy is None:
-            raise ValueError("token input 'entropy' was not supplied; the entropy bonus needs it")
-        return self.entropy
+    def require(self, name: TokenInput) -> torch.Tensor:
+        """The token input `name`, which the rollout supplies only when the loss's options use it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"token input '{name}' was not supplied; the rollout must compute it")
+        return value
 
+
+# The optional tensors of `TokenInputs`, by name, for `TokenInputs.require`.
+TokenInput = Literal["values", "old_values", "returns", "entropy", "reference_logps"]
 
 # The tensor inputs of `LossInputs`, by name, for `LossInputs.require`.
 TensorInput = Literal[
@@ -78,7 +92,7 @@ class LossInputs:
     scores: torch.Tensor | None = None  # reward models: one scalar per sequence (with gradient)
     group_index: torch.Tensor | None = None  # ranked lists: the list of each sequence, best first
     targets: torch.Tensor | None = None  # ratings: regression targets or ranked scores (NaN: none)
-    tokens: TokenInputs | None = None  # policy-gradient losses (PPO)
+    tokens: TokenInputs | None = None  # policy-gradient losses (PPO, GRPO, RLOO)
 
     @overload
     def require(self, name: TensorInput) -> torch.Tensor: ...
@@ -146,6 +160,13 @@ class LossSpec:
     summary: str = ""  # one line for --help; defaults to the compute function's docstring
     model: Head = "policy"
     loop: Loop = "offline"
+    group_advantages: GroupAdvantages | None = None  # loop "group": the method's advantages
+    # params -> declaration fields that depend on them (a KL coefficient of 0 needs no reference)
+    adapt: Callable[[Any], dict[str, Any]] | None = None
+
+    def resolved(self, params: Any) -> LossSpec:
+        """The declaration for these params."""
+        return dataclasses.replace(self, **self.adapt(params)) if self.adapt else self
 
     def describe(self) -> str:
         return self.summary or " ".join((self.compute.__doc__ or self.name).split())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prospect.losses.base import LossInputs, LossOutput, LossSpec
+from prospect.losses.base import LossInputs, LossOutput, LossSpec, TokenInputs, masked_mean_of
 from prospect.options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, opt
 
 
@@ -57,12 +57,18 @@ class PPOParams:
 
 
 def policy_loss(
-    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip: float
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+    clip_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max(-A r, -A clip(r, 1 - eps, 1 + eps)) per token, whether the clipped term was the larger one)."""
+    """(max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) per token with r = pi/pi_old, whether the clipped term was
+    the larger one). eps_high defaults to eps; DAPO raises it ("clip-higher")."""
     ratio = torch.exp(logps - old_logps)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    high = clip if clip_high is None else clip_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
     return torch.maximum(unclipped, clipped), (clipped > unclipped)
 
 
@@ -91,22 +97,32 @@ def ppo_loss(x: LossInputs, p: PPOParams) -> LossOutput:
     g = x.require("tokens")
     mask = g.mask.to(g.logps.dtype)
     pg, pg_clipped = policy_loss(g.logps, g.old_logps, g.advantages, p.clip)
-    vf, vf_clipped = value_loss(g.values, g.old_values, g.returns, p.value_clip)
+    vf, vf_clipped = value_loss(
+        g.require("values"), g.require("old_values"), g.require("returns"), p.value_clip
+    )
     per_token = pg + p.vf_coef * vf
     if p.entropy_coef:
-        per_token = per_token - p.entropy_coef * g.require_entropy()
-    count = lambda t: ((t * mask).sum().detach(), mask.sum())  # noqa: E731
-    log_ratio = (g.logps - g.old_logps).detach()
-    metrics = {
-        "policy_loss": count(pg),
-        "value_loss": count(vf),
-        "clip_fraction": count(pg_clipped.float()),
-        "value_clip_fraction": count(vf_clipped.float()),
-        "approx_kl": count(0.5 * log_ratio**2),
-    }
+        per_token = per_token - p.entropy_coef * g.require("entropy")
+    metrics = policy_metrics(g, pg, pg_clipped)
+    metrics["value_loss"] = masked_mean_of(vf, mask)
+    metrics["value_clip_fraction"] = masked_mean_of(vf_clipped.float(), mask)
     if g.entropy is not None:
-        metrics["entropy"] = count(g.entropy)
+        metrics["entropy"] = masked_mean_of(g.entropy, mask)
     return LossOutput((per_token * mask).sum(-1), metrics, {})
+
+
+def policy_metrics(
+    g: TokenInputs, pg: torch.Tensor, clipped: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The clipped objective's per-token means: its value, how often clipping bound, and the approximate KL
+    to the rollout policy, 0.5 (log pi - log pi_old)^2."""
+    mask = g.mask.to(g.logps.dtype)
+    log_ratio = g.logps - g.old_logps
+    return {
+        "policy_loss": masked_mean_of(pg, mask),
+        "clip_fraction": masked_mean_of(clipped.float(), mask),
+        "approx_kl": masked_mean_of(0.5 * log_ratio**2, mask),
+    }
 
 
 SPECS = [

@@ -19,7 +19,16 @@ from prospect.io import write_text_atomic
 from prospect.report import plots
 from prospect.report.eval_file import Checkpoint, EvalFile, load_eval
 from prospect.report.markup import details, esc, figure, num, samples_table, table, text
-from prospect.report.runs import Point, Run, frontier_points, is_number, load_run, read_config
+from prospect.report.runs import (
+    Point,
+    Run,
+    common_kl_levels,
+    frontier_points,
+    is_number,
+    load_run,
+    read_config,
+    score_at_kl,
+)
 from prospect.report.sections import run_section
 
 # Options that differ between runs of one method without making it another method.
@@ -178,12 +187,38 @@ def points_table(runs: list[Run]) -> str:
     return details("every checkpoint's numbers", table(headers, rows, key="points"))
 
 
+def equal_kl_table(runs: list[Run], labels: dict[Path, str]) -> str:
+    """Each run's judged score at KLs every run reaches, interpolated between its checkpoints: methods
+    compared at equal KL rather than at their own end points."""
+    points = [frontier_points(run) for run in runs]
+    levels = common_kl_levels(points)
+    if not levels:
+        return ""
+    rows = []
+    for run, run_points in zip(runs, points, strict=True):
+        cells = [text(run.name), text(labels[run.path])]
+        for kl in levels:
+            found = score_at_kl(run_points, kl)
+            cells += [
+                num(found[0] if found else None, f"{run.name}/at_kl/{kl}"),
+                num(found[1] if found else None),
+            ]
+        rows.append(cells)
+    headers = ["run", "method", *(h for kl in levels for h in (f"score at KL {kl:g}", "s.e."))]
+    note = (
+        '<p class="note">Judged score at equal KL to the reference, linearly interpolated between the two '
+        "checkpoints whose KLs bracket it; the standard error combines theirs.</p>"
+    )
+    return note + table(headers, rows, key="equal-kl")
+
+
 def runs_comparison(runs: list[Run]) -> str:
     labels = method_labels(runs)
     parts = [
         "<h2>Runs compared</h2>",
         frontier_html(run_frontiers(runs, labels), "held-out evaluations", RUN_NOTE),
         runs_table(runs, labels),
+        equal_kl_table(runs, labels),
         points_table(runs),
     ]
     return "\n".join(p for p in parts if p)

@@ -155,7 +155,8 @@ def frontier_figure(
     """Judged score against KL to the reference: the reward/KL frontier of the DPO paper (Figure 2). Each
     method has its own style; each of its runs is a line through its checkpoints in order, each point with
     ±1.96 s.e. in both directions."""
-    fig = new_figure(6.4, 4.2)
+    entries = len(lines) + (baseline is not None)
+    fig = new_figure(6.4, 4.2 + 0.22 * entries)  # the legend goes below the axes: labels can be long
     ax = fig.add_subplot()
     few = sum(len(p) for runs in lines.values() for p in runs) <= 12
     for i, (label, runs) in enumerate(lines.items()):
@@ -182,5 +183,5 @@ def frontier_figure(
         ax.axhline(baseline[0], color="black", linestyle=":", linewidth=1, label=baseline[1])
     set_labels(fig, ax, title, KL_AXIS, ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    fig.legend(loc="outside lower center", fontsize="small")
     return data_uri(fig)

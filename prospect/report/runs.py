@@ -8,6 +8,7 @@ may be cut short: that line is left out; a bad line anywhere else is an error.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict, deque
@@ -235,3 +236,24 @@ def frontier_points(run: Run) -> list[Point]:
     ]
     found.append(point("after", last, run.after) if run.after else None)
     return [p for p in found if p is not None]
+
+
+def score_at_kl(points: list[Point], kl: float) -> tuple[float, float] | None:
+    """The judged score at `kl` nats and its standard error: linear interpolation between the first two
+    consecutive checkpoints (in training order) whose KLs bracket `kl`; the error from theirs, the two
+    evaluations being independent samples. None when no consecutive pair brackets it."""
+    ordered = sorted(points, key=lambda p: p.step)
+    for a, b in itertools.pairwise(ordered):
+        if min(a.kl, b.kl) <= kl <= max(a.kl, b.kl):
+            w = 0.0 if a.kl == b.kl else (kl - a.kl) / (b.kl - a.kl)
+            score = a.score + w * (b.score - a.score)
+            return score, math.hypot((1 - w) * a.score_se, w * b.score_se)
+    return None
+
+
+def common_kl_levels(runs_points: list[list[Point]], count: int = 4) -> list[float]:
+    """KLs every run reaches: `count` even steps up to the smallest of the runs' largest KLs."""
+    tops = [max(p.kl for p in points) for points in runs_points if points]
+    if len(tops) < 2 or min(tops) <= 0:
+        return []
+    return [round(min(tops) * (i + 1) / count, 2) for i in range(count)]
