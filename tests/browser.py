@@ -1,6 +1,6 @@
 """A real headless Chromium for the report tests, driven over the DevTools protocol on a pipe
 (--remote-debugging-pipe: JSON messages ending in a NUL byte, the browser reading fd 3 and writing fd 4), so
-no driver or websocket library is needed. Chromium comes from Debian's packages; `chromium()` installs it
+no driver or websocket library is needed. Chromium comes from Debian's packages; `install_chromium()` installs it
 when it can, and otherwise says why not."""
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class HTTPJudge:
     never printed, logged, put into error messages or sent to another origin; plain http is refused except
     to this machine unless `allow_http`. A busy, failing or unreachable server is asked again with growing
     waits (`retries` times); then the item is labelled failed (an empty reply, counted as malformed) and the
-    loop goes on, unless every item failed (`JudgeLabeller.ask`). A refused key or a wrong address stops the
+    loop goes on, unless every item failed (`AIJudge.ask`). A refused key or a wrong address stops the
     run with a one-line error."""
 
     def __init__(

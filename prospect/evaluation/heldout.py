@@ -75,15 +75,18 @@ def evaluate(
         completions = [s[0].token_ids for s in sampler.generate(prompts, params, progress)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     kls: list[float] = []
-    scoring = Progress(f"KL on the samples, {label}", len(prompts), "samples", show=verbose)
-    with torch.no_grad(), scoring as progress:
-        for start in range(0, len(prompts), cfg.batch_size):
-            keep = [i for i in range(start, min(start + cfg.batch_size, len(prompts))) if completions[i]]
-            if keep and reference_logps is not None:
-                seqs = pad([prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id)
-                seqs = seqs.to(next(model.parameters()).device)
-                kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
-            progress.update(min(cfg.batch_size, len(prompts) - start))
+    if reference_logps is not None:  # none: the model is the reference
+        scoring = Progress(f"KL on the samples, {label}", len(prompts), "samples", show=verbose)
+        with torch.no_grad(), scoring as progress:
+            for start in range(0, len(prompts), cfg.batch_size):
+                keep = [i for i in range(start, min(start + cfg.batch_size, len(prompts))) if completions[i]]
+                if keep:
+                    seqs = pad(
+                        [prompts[i] for i in keep], [completions[i] for i in keep], tokenizer.pad_token_id
+                    )
+                    seqs = seqs.to(next(model.parameters()).device)
+                    kls.extend((policy_logps(seqs) - reference_logps(seqs)).tolist())
+                progress.update(min(cfg.batch_size, len(prompts) - start))
     scores = judge(texts, items) if judge else None
     result = HeldOutResult(
         judge_mean=statistics.fmean(scores) if scores else None,

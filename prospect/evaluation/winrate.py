@@ -115,10 +115,10 @@ def lc_win_rate(
         return {"rate": math.nan, "low": math.nan, "high": math.nan, "length_coef": math.nan}
     y = np.asarray(prefs, dtype=float)
     z = length_features(lengths, baseline_lengths)
-    _, phi = logistic_fit(z, y)
+    theta, phi = logistic_fit(z, y)
     boot = np.array([lc_rate(z[idx], y[idx]) for idx in resamples(len(y), count, seed)])
     low, high = interval(boot)
-    return {"rate": lc_rate(z, y), "low": low, "high": high, "length_coef": phi}
+    return {"rate": float(sigmoid(np.asarray(theta))), "low": low, "high": high, "length_coef": phi}
 
 
 def ranks(values: list[float]) -> np.ndarray:

@@ -90,9 +90,10 @@ def uses_segments(model: torch.nn.Module) -> bool:
 
 
 def attention_kernel(model: torch.nn.Module) -> str:
-    """The model's attention as it affects rounding: its implementation, and segment attention's kernel."""
+    """The model's attention as it affects rounding: its implementation, and segment attention's kernel when
+    it is not the default (so reference caches written before the switch existed stay valid)."""
     name = str(getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", ""))
-    return f"{name}-{SEGMENT_KERNEL}" if name == NAME else name
+    return f"{name}-{SEGMENT_KERNEL}" if name == NAME and SEGMENT_KERNEL != "eager" else name
 
 
 EAGER_ATTENTION_FACTOR = 3.0  # eager attention's cost per FLOP against the linear layers' (fp32 softmax)

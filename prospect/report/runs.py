@@ -80,11 +80,6 @@ class Run:
         steps = [c.steps[-1] for c in self.curves.values() if c.steps] + [int(r["step"]) for r in self.evals]
         return max(steps, default=0)
 
-    @property
-    def sampled(self) -> bool:
-        """Its held-out evaluation samples the policy (a reward model's measures accuracy instead)."""
-        return any(e is not None and "kl_mean" in e for e in (self.before, self.after))
-
 
 def read_json(path: Path) -> Any:
     try:
