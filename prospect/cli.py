@@ -140,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EVAL.json",
         help="a `prospect eval` JSON file (repeatable)",
     )
+    report.add_argument(
+        "--preferences",
+        "-p",
+        action="append",
+        default=[],
+        metavar="PREFS.json",
+        help="a `prospect preferences` JSON file: reliability curves and accuracy (repeatable)",
+    )
     report.add_argument("--output", "-o", required=True, help="the HTML file to write, e.g. report.html")
+    add_preferences_parser(commands)
     push = commands.add_parser(
         "push",
         help="publish a run's final/ model on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
@@ -234,6 +243,69 @@ def eval_command(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+PREFERENCES_HELP = (
+    "preference sources on held-out human comparisons: accuracy with its standard error, expected calibration "
+    "error, Brier score, reliability bins"
+)
+
+
+def add_preferences_parser(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "preferences",
+        help=PREFERENCES_HELP,
+        description=PREFERENCES_HELP + ". Each held-out pair is shown in an order drawn by --seed.",
+        epilog="example:\n  prospect preferences --judges pairwise:runs/pm,reward:runs/rm,vader -o prefs.json\n"
+        "  prospect report --preferences prefs.json -o prefs.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    arg = sub.add_argument
+    arg(
+        "--judges",
+        required=True,
+        help="comma-separated sources, named as `prospect eval` judges and pairwise:PATH",
+    )
+    arg(
+        "--data",
+        default="vader-movies",
+        help="held-out comparisons: a built-in, file or dataset (default: %(default)s)",
+    )
+    arg("--split", default="test", help="its held-out split, or 'held-out' (default: %(default)s)")
+    arg(
+        "--pair-min-gap",
+        type=float,
+        default=1.0,
+        help="ratings: pairs whose means differ this much (default: %(default)s)",
+    )
+    arg(
+        "--max-pairs-per-prompt",
+        type=int,
+        default=8,
+        help="ratings: pairs kept per prompt (default: %(default)s)",
+    )
+    arg("--num-pairs", type=int, default=0, help="the first N pairs (default: all)")
+    arg("--seed", type=int, default=0, help="pairing and order seed (default: %(default)s)")
+    arg("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="as train.precision")
+    arg("--output", "-o", required=True, help="JSON file to write (the table is printed)")
+    arg("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def preferences_command(args: argparse.Namespace) -> None:
+    from prospect.config import DataConfig
+    from prospect.evaluation.calibration import PreferenceRequest, run_preferences
+    from prospect.options import build_section
+
+    data = build_section(
+        DataConfig,
+        {"train": args.data, "eval_split": args.split, "pair_min_gap": args.pair_min_gap,
+         "max_pairs_per_prompt": args.max_pairs_per_prompt},
+        "prospect preferences",
+    )  # fmt: skip
+    request = PreferenceRequest(
+        args.judges, data, args.output, args.num_pairs, args.seed, args.precision, overwrite=args.overwrite
+    )
+    run_preferences(request)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
@@ -247,10 +319,18 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         eval_command(args)
         return 0
+    if args.command == "preferences":
+        preferences_command(args)
+        return 0
     if args.command == "report":
         from prospect.report.page import write_report
 
-        path = write_report([Path(r) for r in args.runs], [Path(e) for e in args.eval], Path(args.output))
+        path = write_report(
+            [Path(r) for r in args.runs],
+            [Path(e) for e in args.eval],
+            Path(args.output),
+            [Path(p) for p in args.preferences],
+        )
         print(f"report: {path}")
         return 0
     if args.command == "score":

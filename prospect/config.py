@@ -79,6 +79,9 @@ class DataConfig:
         "prompt (data.held_out_percent), never trained on. Data with no splits (one file, a dataset saved "
         "without splits) evaluated on itself always uses that share.",
     )
+    eval_subset: str | None = opt(
+        None, "Config (subset) of `eval`; evaluation on `train` uses `subset` unless this is given."
+    )
     held_out_percent: float = opt(
         10.0,
         "Percent of the prompts set aside for evaluation, by a hash of the prompt, when the held-out share "
@@ -292,6 +295,12 @@ class OnlineConfig:
     )
     reward_function: str | None = opt(
         None, "Python reward instead of a model: 'module:function' called as f(prompt, completion) -> float."
+    )
+    preference: str | None = opt(
+        None,
+        "Nash-MD's preference source P(y > y' | x), by judge name: pairwise:PATH (a preference model), "
+        "reward:PATH (Bradley-Terry on a reward model), verifier:MODULE:FUNCTION, exact-match, vader, llm:PATH "
+        "(both orders; http judges take loop.judge_url/judge_model/judge_key_env as http:URL).",
     )
     samples_per_prompt: int = opt(1, "Completions sampled per prompt in each rollout.", bounds=AT_LEAST_ONE)
     max_new_tokens: int = opt(48, "Tokens generated per completion.", bounds=AT_LEAST_ONE)

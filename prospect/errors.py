@@ -9,6 +9,15 @@ class UserError(Exception):
     """Bad input from the user. The CLI prints the message alone, without a traceback, and exits 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), or of its cause's when `datasets`
+    wraps the real reason."""
+    if exc.__cause__ is not None and "error occurred while generating" in str(exc):
+        return first_line(exc.__cause__)
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def where(source: str, line: int | None = None, row: int | None = None) -> str:
     """Format a location as `file:line` (text files) or `file: row N` (tables, datasets)."""
     if line is not None:

@@ -84,6 +84,12 @@ def resolve_recipe(path: str) -> Path:
     raise UserError(f"{path}: no such recipe file")
 
 
+def run_model(given: str) -> str:
+    """The model a name stands for: a run directory's final/, anything else unchanged."""
+    path = Path(given).expanduser()
+    return str(path / "final") if (path / MARKER).is_file() else given
+
+
 def run_config(run_dir: Path) -> Config:
     """The configuration a run directory was made with (its config.yaml)."""
     if not (run_dir / MARKER).is_file():

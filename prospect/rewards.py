@@ -1,4 +1,5 @@
-"""Reward sources: a trained reward model, or any Python function given by import path.
+"""Reward sources: a trained reward model, or any Python function given by import path; and a pairwise
+preference model's P(first > second).
 
 One interface, `RewardFn(prompts, completions, fields) -> scores`, used by the online loops, PPO, best-of-N and
 the held-out judge, so this module sits below all of them."""
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from prospect.config import ModelConfig, OnlineConfig
+from prospect.data.convert import as_completion, duel_text
 from prospect.data.formats import Text, parse_example
 from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoder
@@ -28,31 +30,37 @@ class ModelReward:
     """Scores (prompt, completion text) with a reward model, encoding them with its own tokenizer and chat
     template, so the policy and reward model need not share a tokenizer."""
 
-    def __init__(self, path: str, device: torch.device, bf16: bool, max_length: int = 1024):
-        model, self.tokenizer = load_reward_model(ModelConfig(name=path))
+    def __init__(self, scorer: ScalarScorer, encoder: Encoder, pad_id: int, device: torch.device):
+        self.scorer, self.encoder, self.pad_id, self.device = scorer, encoder, pad_id, device
+
+    @classmethod
+    def load(cls, path: str, device: torch.device, bf16: bool, max_length: int = 1024) -> ModelReward:
+        model, tokenizer = load_reward_model(ModelConfig(name=path))
         model.requires_grad_(False)
         model.eval().to(device)
-        self.scorer = ScalarScorer(model, score_head(model), bf16=bf16)
-        self.encoder = Encoder(self.tokenizer, max_length, max_length // 2)
-        self.device = device
+        scorer = ScalarScorer(model, score_head(model), bf16=bf16)
+        return cls(scorer, Encoder(tokenizer, max_length, max_length // 2), tokenizer.pad_token_id, device)
 
     def __call__(
         self, prompts: list[Text], completions: list[str], fields: list[dict] | None = None
     ) -> list[float]:
-        items = [
-            self.encoder.encode(
-                p, c if isinstance(p, str) else [{"role": "assistant", "content": c}], None, ""
-            )
-            for p, c in zip(prompts, completions)
-        ]
-        pad_id = self.tokenizer.pad_token_id
-        return score_in_batches(
-            self.scorer,
-            [i.prompt_ids for i in items],
-            [i.completion_ids for i in items],
-            pad_id,
-            self.device,
-        )
+        items = [self.encoder.encode(p, as_completion(p, c), None, "") for p, c in zip(prompts, completions)]
+        prompt_ids, completion_ids = [i.prompt_ids for i in items], [i.completion_ids for i in items]
+        return score_in_batches(self.scorer, prompt_ids, completion_ids, self.pad_id, self.device)
+
+
+class PairwisePreference:
+    """P(first > second | prompt) from a pairwise preference model (a run of loss 'preference'): the mean of
+    its two readings, sigmoid(s(x, first, second)) and 1 - sigmoid(s(x, second, first))."""
+
+    def __init__(self, model: ModelReward):
+        self.model = model
+
+    def __call__(self, prompts: list[Text], pairs: list[tuple[str, str]]) -> list[float | None]:
+        n = len(pairs)
+        duels = [duel_text(a, b) for a, b in pairs] + [duel_text(b, a) for a, b in pairs]
+        logits = torch.tensor(self.model(list(prompts) * 2, duels)).sigmoid()
+        return ((logits[:n] + 1 - logits[n:]) / 2).tolist()
 
 
 class FunctionReward:
@@ -107,7 +115,7 @@ def reward_source(cfg: OnlineConfig) -> FunctionReward | str:
 
 def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn:
     source = reward_source(cfg)
-    return source if isinstance(source, FunctionReward) else ModelReward(source, device, bf16)
+    return source if isinstance(source, FunctionReward) else ModelReward.load(source, device, bf16)
 
 
 def score_file(

@@ -30,8 +30,11 @@ def logps_and_grads(model, seqs, weights: torch.Tensor) -> tuple[torch.Tensor, l
     return logps.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_segments_and_shared_prompts_equal_eager_padded(checkpointing):
+@pytest.mark.parametrize(("kernel", "checkpointing"), [("eager", False), ("eager", True), ("sdpa", False)])
+def test_segments_and_shared_prompts_equal_eager_padded(kernel, checkpointing, monkeypatch):
+    """Packed rows and shared prompts, under either segment kernel, give the padded batch's log-probs and
+    gradients."""
+    monkeypatch.setattr(attention, "SEGMENT_KERNEL", kernel)
     model = build_model(64)
     prompts, completions = pairs(64)
     weights = torch.linspace(-1, 1, len(prompts))

@@ -12,6 +12,7 @@ from http.server import HTTPServer
 import pytest
 
 from prospect.engine.trainer import Trainer
+from prospect.evaluation import checkpoints
 from prospect.recipe import load_config
 from tests.helpers import TOPICS, tiny_overrides, unpaired_rows, write_jsonl
 from tests.test_cli import run_cli
@@ -104,7 +105,7 @@ def test_eval_writes_the_json_the_report_reads(trained_run, tiny_model_dir, stub
 
 
 def test_a_checkpoint_against_itself_ties_everywhere_at_zero_kl(
-    tiny_model_dir, trained_run, tmp_path, capsys
+    tiny_model_dir, trained_run, tmp_path, capsys, monkeypatch
 ):
     """The base model as the checkpoint, the baseline and the reference: the same seed samples the same
     completions, so every prompt ties and the KL is exactly 0. The tiny model judging in both orders gives no
@@ -114,8 +115,12 @@ def test_a_checkpoint_against_itself_ties_everywhere_at_zero_kl(
     model = str(tiny_model_dir)
     argv = ["eval", model, "--baseline", model, "--reference", model, "--prompts", str(prompts)]
     argv += ["--num-prompts", "4", "--judges", f"{E_COUNT},llm:{model}", "-o", str(out), *FAST]
+    loads = []
+    real_load = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda config: loads.append(config) or real_load(config))
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
+    assert len(loads) == 1  # one model in three roles, loaded once
     report = json.loads(out.read_text())
     (entry,) = report["checkpoints"]
     assert report["baseline"] == {"name": model, "path": model}

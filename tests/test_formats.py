@@ -3,6 +3,7 @@ really held out, and errors that blame the right thing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -120,6 +121,43 @@ def test_online_loops_sample_and_evaluate_on_disjoint_prompts(tiny_model_dir, tm
     assert (inner.data.eval, inner.data.eval_split) == (str(data), HELD_OUT)
     evaluated = {key(e) for e in read_heldout_parsed(inner.data)[1]}
     assert evaluated and not evaluated & sampled and len(evaluated) + len(sampled) == 80
+
+
+def test_online_runs_evaluate_on_the_outer_runs_split_and_subset(tmp_path):
+    """A loop's nested runs train on a samples file and evaluate where the outer run does: the held-out share
+    of a split not named 'train', or a subset of a hub folder."""
+    named = tmp_path / "named"
+    datasets.DatasetDict({"training": datasets.Dataset.from_list(feedback(60))}).save_to_disk(str(named))
+    outer = DataConfig(train=str(named), train_split="training", eval_split=HELD_OUT)
+    samples = write_jsonl(tmp_path / "samples.jsonl", feedback(4))
+    inner = load_config(None, [f"data.train={samples}"])
+    inner_data = nested_run(dataclasses.replace(inner, data=outer), samples, tmp_path / "inner").data
+    assert {key(e) for e in read_heldout_parsed(inner_data)[1]} == {
+        key(e) for e in read_heldout_parsed(outer)[1]
+    }
+    assert len(read_training(inner_data, "unpaired", 0, evaluating=True)) == 4
+    root = hub_folder(tmp_path / "repo", {"small": 4, "large": 10})
+    outer = DataConfig(train=str(root), subset="large")
+    inner_data = nested_run(dataclasses.replace(inner, data=outer), samples, tmp_path / "inner").data
+    assert len(read_heldout_parsed(inner_data)[1]) == 2  # the test split of 'large'
+    assert len(read_training(inner_data, "unpaired", 0, evaluating=True)) == 4
+    separate = DataConfig(train=str(root), subset="large", eval=str(samples))  # a file has no subsets
+    assert len(read_heldout_parsed(separate)[1]) == 4
+
+
+def test_a_run_reads_its_data_file_once_and_again_when_it_changes(tiny_model_dir, tmp_path, monkeypatch):
+    from prospect.data import sources
+
+    data = write_jsonl(tmp_path / "feedback.jsonl", feedback(60))
+    reads = []
+    real_read = sources.read_file
+    monkeypatch.setattr(sources, "read_file", lambda path: reads.append(path) or real_read(path))
+    overrides = tiny_overrides(tiny_model_dir, data, tmp_path / "run", **{"eval.num_prompts": 4})
+    trainer = Trainer(load_config(None, overrides))  # training rows, held-out loss rows
+    load_eval_prompts(trainer.cfg.data, trainer.encoder, 4)
+    assert reads == [data]
+    write_jsonl(data, feedback(70))
+    assert len(read_training(DataConfig(train=str(data)), "unpaired", 0)) == 70 and reads == [data, data]
 
 
 # -- files as `datasets` writes them -------------------------------------------------------------------

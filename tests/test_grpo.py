@@ -174,6 +174,39 @@ def test_a_tiny_policy_learns_the_rewarded_word(name, tiny_model_dir, kto_file, 
     assert ("kl" in lines[-1]) == (name == "rloo")
 
 
+def test_one_update_without_a_reference_skips_the_rollout_forward_and_trains_the_same(
+    tiny_model_dir, kto_file, tmp_path, monkeypatch
+):
+    """GRPO with beta 0 and one update per rollout: the update's own log-probs, detached, stand for the sampling
+    policy's, so the rollout's no-grad forward is skipped; the weights after two steps are those with it."""
+    options = group_options("grpo", **{"online.reward_function": "tests.test_grpo:reward_characters"})
+    options.update({"train.max_steps": 2, "train.batch_size": 2, "train.learning_rate": 1e-3})
+
+    def trained(run: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        config = load_config(None, tiny_overrides(tiny_model_dir, kto_file, tmp_path / run, **options))
+        trainer = make_trainer(config)
+        model = trainer.accelerator.unwrap_model(trainer.policy)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trainer.train()
+        return before, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    forwards = []
+    real_forward = GroupTrainer.forward
+    monkeypatch.setattr(
+        GroupTrainer,
+        "forward",
+        lambda self, seqs, rollout: forwards.append(rollout) or real_forward(self, seqs, rollout),
+    )
+    before, skipped = trained("skipped")
+    assert forwards == [False, False]  # one update forward per step, no rollout forward
+    monkeypatch.setattr(GroupTrainer, "scores_rollout", lambda self: True)
+    _, scored = trained("scored")
+    assert forwards[2:] == [True, False, True, False]
+    for name, value in skipped.items():
+        torch.testing.assert_close(value, scored[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(value, before[name]) for name, value in skipped.items())  # it did train
+
+
 def test_a_group_of_one_is_refused(tiny_model_dir, kto_file, tmp_path):
     options = group_options("rloo", **{"online.samples_per_prompt": 1})
     with pytest.raises(UserError, match=r"online.samples_per_prompt=1: loss 'rloo' compares each sample"):

@@ -34,6 +34,26 @@ def test_accelerate_bf16_is_honoured_for_policy_and_reference(
     assert first["rewards/desirable"] == 0.0 and first["rewards/undesirable"] == 0.0
 
 
+def test_accelerate_autocast_of_the_policy_alone_would_show_in_the_first_rewards(
+    tiny_model_dir, kto_file, tmp_path, monkeypatch, request
+):
+    """The control for the test above: with accelerate's own bf16 autocast on (the policy autocast, the
+    reference not), the step-1 rewards are not 0, so the zeros above say both ran in one precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from prospect.engine import launch
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests' state says mixed_precision 'no'
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    monkeypatch.setattr(launch, "Accelerator", lambda **kw: Accelerator(**{**kw, "mixed_precision": "bf16"}))
+    run = trainer(tiny_model_dir, kto_file, tmp_path / "run", "fp32")
+    assert run.accelerator.mixed_precision == "bf16" and not run.bf16
+    run.train()
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/desirable"] != 0.0 or first["rewards/undesirable"] != 0.0
+
+
 @pytest.mark.parametrize(
     ("launched", "precision", "expected"),
     [

@@ -44,6 +44,7 @@ def test_every_registered_loss_is_tested_here():
     elsewhere = {"reward_bt", "reward_margin", "reward_regression", "ppo"}  # test_reward.py, test_ppo.py
     elsewhere |= {"grpo", "rloo"}  # test_grpo.py
     elsewhere |= {"kto_zero", "kto_logsigmoid"}  # test_kto_loss.py
+    elsewhere |= {"preference", "nash_md"}  # test_preference_model.py, test_nash.py
     tested = here | elsewhere
     assert set(LOSSES) == tested
 

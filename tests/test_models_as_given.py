@@ -186,11 +186,18 @@ def test_final_is_saved_in_the_dtype_the_model_came_in_with_a_model_card(
     assert f"| `kl_mean` | 0 | {after['kl_mean']:.4g} |" in text
 
 
-def test_an_fp32_model_stays_fp32(tiny_model_dir, kto_file, tmp_path):
-    final = make_trainer(tiny_model_dir, kto_file, tmp_path / "run", **{"train.max_steps": 1}).train()
+def test_an_fp32_model_stays_fp32_and_its_card_gives_the_loss_options_as_trained(tiny_model_dir, tmp_path):
+    rows = [r for r in unpaired_rows() if not r["label"]] + [r for r in unpaired_rows() if r["label"]][:3]
+    data = write_jsonl(tmp_path / "imbalanced.jsonl", rows)
+    options = {"train.max_steps": 1, "loss.auto_weights": True}
+    trainer = make_trainer(tiny_model_dir, data, tmp_path / "run", **options)
+    final = trainer.train()
     with safe_open(str(final / "model.safetensors"), "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}  # noqa: SIM118
-    assert "No held-out evaluation was run" in ModelCard.load(final / "README.md").text
+    text = ModelCard.load(final / "README.md").text
+    assert "No held-out evaluation was run" in text
+    weight = trainer.params.desirable_weight  # from the counts, not the 1.0 of config.yaml
+    assert weight > 2 and f"| `desirable_weight` | {weight:.4g} |" in text
 
 
 def test_the_model_is_named_as_the_user_gave_it(tmp_path, monkeypatch):

@@ -99,6 +99,9 @@ def test_reward_model_learns_the_preferences(tiny_model_dir, pairs_file, tmp_pat
     )
     trainer = Trainer(load_config(None, overrides))
     final = trainer.train()
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "report.json" not in done and "report.html" in done  # only the files it wrote
+    assert not (tmp_path / "rm" / "report.json").exists() and (tmp_path / "rm" / "report.html").is_file()
     after = json.loads((tmp_path / "rm" / "eval_after.json").read_text())
     before = json.loads((tmp_path / "rm" / "eval_before.json").read_text())
     assert after["pair_accuracy"] == 1.0 and after["comparisons"] == 12

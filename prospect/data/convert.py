@@ -8,6 +8,9 @@
 | ranked         | via its pairs                   | all K-choose-2 pairs                   | the best one         |
 | completions    | (no labels: error)              | (no labels: error)                     | as is                |
 | text, messages | (no labels: error)              | (no labels: error)                     | as is, or per turn   |
+
+A pairwise preference model (loss `preference`) reads duels: each pair as the prompt followed by both
+completions (`duel_text`), in both orders, labelled by whether the first is preferred.
 """
 
 from __future__ import annotations
@@ -70,6 +73,37 @@ def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
         )
     rng.shuffle(pairs)
     return pairs
+
+
+def duel_text(first: str, second: str) -> str:
+    """What a pairwise preference model reads after the prompt: the two completions, labelled A and B."""
+    return f"Response A:\n{first.strip()}\n\nResponse B:\n{second.strip()}"
+
+
+def completion_text(completion: Text) -> str:
+    """A completion as plain text: its assistant turns' content when it is a conversation."""
+    if isinstance(completion, str):
+        return completion
+    return "\n".join(m["content"] for m in completion if m["role"] == "assistant")
+
+
+def as_completion(prompt: Text, text: str) -> Text:
+    """Plain text as a completion of `prompt`: an assistant turn when the prompt is a conversation."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def to_duels(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
+    """Each preference pair (from pairs, rankings, ratings or labels, as `to_pairs`) as two duels, one per
+    order: 'A: chosen, B: rejected' labelled True (A is preferred), 'A: rejected, B: chosen' False. Trained
+    on both orders, the model's P(A > B) is close to 1 - P(B > A); readers average the two."""
+    duels = []
+    for p in to_pairs(kind, parsed, cfg, seed):
+        chosen, rejected = completion_text(p.chosen), completion_text(p.rejected)
+        for first, second, label in ((chosen, rejected, True), (rejected, chosen, False)):
+            duels.append(
+                Example(p.prompt, as_completion(p.prompt, duel_text(first, second)), label, p.location)
+            )
+    return duels
 
 
 def to_groups(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Ranking]:

@@ -14,9 +14,17 @@ import torch
 
 from prospect.config import DataConfig
 from prospect.data.batching import Batch, Sequences, pad
-from prospect.data.convert import to_completions, to_groups, to_pairs, to_prompts, to_rated, to_unpaired
+from prospect.data.convert import (
+    to_completions,
+    to_duels,
+    to_groups,
+    to_pairs,
+    to_prompts,
+    to_rated,
+    to_unpaired,
+)
 
-DataShape = Literal["unpaired", "paired", "completions", "ranked", "rated", "prompts"]
+DataShape = Literal["unpaired", "paired", "completions", "ranked", "rated", "prompts", "duels"]
 Converter = Callable[[str, list, DataConfig, int], list]
 Builder = Callable[[list[list[int]], list[list[int]], int], Sequences]  # pad, or packing.pack
 TokenLists = tuple[list[list[int]], list[list[int]]]
@@ -70,6 +78,7 @@ SHAPES: dict[str, Shape] = {
     "ranked": Shape(to_groups, every_completion, ranks),
     "rated": Shape(to_rated, one_each, ratings),
     "prompts": Shape(to_prompts, None, nothing),
+    "duels": Shape(to_duels, one_each, labels),  # the prompt, then both completions; label: the first wins
 }
 
 

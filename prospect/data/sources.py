@@ -10,14 +10,14 @@ import contextlib
 import csv
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prospect.data import tasks, vader
 from prospect.data.row import Row
-from prospect.errors import UserError, field_error, where
+from prospect.errors import UserError, field_error, first_line, where
 
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 SAVED_DATASET = ("dataset_info.json", "state.json")  # what save_to_disk writes for a dataset with no splits
@@ -52,7 +52,7 @@ def read_source(spec: str, split: str = "train", subset: str | None = None) -> S
         source = read_dataset_dir(path, split, subset)
     elif path.is_file():
         refuse_subset(spec, subset)
-        source = Source(read_file(path), None)
+        source = Source(read_file_once(path), None)
     elif path.suffix.lower() in FILE_TYPES or spec.startswith((".", "/", "~")):
         raise UserError(f"{spec}: no such file")
     else:
@@ -80,6 +80,21 @@ def refuse_subset(spec: str, subset: str | None) -> None:
         )
 
 
+READ: dict[tuple[str, int, int], list[Row]] = {}
+
+
+def read_file_once(path: Path) -> list[Row]:
+    """`read_file`, remembered while the file is unchanged: a run reads its data for training, for the held-out
+    loss and for the evaluation prompts. The rows are shared; readers do not change them."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in READ:
+        if len(READ) >= 4:
+            READ.pop(next(iter(READ)))
+        READ[key] = read_file(path)
+    return READ[key]
+
+
 def read_file(path: Path) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -94,26 +109,29 @@ def read_file(path: Path) -> list[Row]:
 
 
 def read_jsonl(path: Path) -> list[Row]:
-    rows = []
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where(str(path), number)}: expected UTF-8 text") from None
-            if not text.strip():
-                continue
-            if len(raw) > MAX_ROW_BYTES:
-                raise UserError(
-                    f"{where(str(path), number)}: a row of {len(raw) / 2**20:.0f} MB; expected at most "
-                    f"{MAX_ROW_BYTES // 2**20} MB per row"
-                )
-            value = parse_json(text.rstrip("\r\n"), where(str(path), number))
-            if not isinstance(value, dict):
-                raise UserError(
-                    f"{where(str(path), number)}: expected a JSON object, got {type(value).__name__}"
-                )
-            rows.append(Row(where(str(path), number), value))
+        return jsonl_rows(path, handle)
+
+
+def jsonl_rows(path: Path, lines: Iterable[bytes]) -> list[Row]:
+    """One row per non-blank line of a JSON Lines file."""
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where(str(path), number)}: expected UTF-8 text") from None
+        if not text.strip():
+            continue
+        if len(raw) > MAX_ROW_BYTES:
+            raise UserError(
+                f"{where(str(path), number)}: a row of {len(raw) / 2**20:.0f} MB; expected at most "
+                f"{MAX_ROW_BYTES // 2**20} MB per row"
+            )
+        value = parse_json(text.rstrip("\r\n"), where(str(path), number))
+        if not isinstance(value, dict):
+            raise UserError(f"{where(str(path), number)}: expected a JSON object, got {type(value).__name__}")
+        rows.append(Row(where(str(path), number), value))
     return rows
 
 
@@ -145,8 +163,8 @@ def parse_json(text: str, location: str, whole_file: bool = False) -> Any:
 
 def read_json(path: Path) -> list[Row]:
     text = decode(path)
-    if is_json_lines(text):
-        return read_jsonl(path)  # what datasets' to_json writes unless told lines=False
+    if is_json_lines(text):  # what datasets' to_json writes unless told lines=False
+        return jsonl_rows(path, io.BytesIO(text.encode("utf-8", "surrogatepass")))
     value = parse_json(text, str(path), whole_file=True)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
@@ -226,7 +244,7 @@ def read_parquet(path: Path) -> list[Row]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     features = datasets.Features.from_arrow_schema(table.schema)  # ClassLabels that datasets wrote
     return with_class_names(table.to_pylist(), features, lambda i: where(str(path), row=i))
 
@@ -271,13 +289,6 @@ def read_hub(name: str, split: str, subset: str | None) -> Source:
     except Exception as exc:  # network, missing repo, a config to choose: all user-facing here
         raise UserError(f"{name}: could not load hub dataset ({first_line(exc)})") from None
     return from_datasets(loaded, name, split)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or of its cause's (datasets wraps the real reason)."""
-    if exc.__cause__ is not None and "error occurred while generating" in str(exc):
-        return first_line(exc.__cause__)
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def from_datasets(loaded: Any, name: str, split: str) -> Source:

@@ -74,7 +74,7 @@ def training_data(cfg: DataConfig, evaluating: bool) -> list[Parsed]:
     parts: list[Parsed] = []
     mixture = components(cfg.train)
     for c in mixture:
-        source = read_split(c.spec, cfg.train_split, cfg, "data.train_split")
+        source = read_split(c.spec, cfg.train_split, cfg.subset, "data.train_split")
         kind, parsed = parse_rows(source.rows[: cfg.limit or None], cfg.format)
         if evaluating and (cfg.eval_split == HELD_OUT or (shared and source.split is None)):
             kept = [p for p in parsed if not held_out(p, cfg.held_out_percent)]
@@ -114,7 +114,8 @@ def evaluation_data(cfg: DataConfig) -> list[Parsed]:
     share = cfg.eval_split == HELD_OUT
     parts: list[Parsed] = []
     for c in components(spec):
-        source = read_split(c.spec, cfg.train_split if share else cfg.eval_split, cfg, "data.eval_split")
+        split = cfg.train_split if share else cfg.eval_split
+        source = read_split(c.spec, split, evaluation_subset(cfg), "data.eval_split")
         kind, parsed = parse_rows(source.rows, cfg.format)
         if share or (shared and source.split is None):
             total = len(parsed)
@@ -145,9 +146,14 @@ def say_once(message: str) -> None:
         log.info(message)
 
 
-def read_split(spec: str, split: str, cfg: DataConfig, option: str) -> Source:
+def evaluation_subset(cfg: DataConfig) -> str | None:
+    """The config (subset) of the evaluation data: `eval_subset`, or `subset` when evaluating on `train`."""
+    return cfg.eval_subset or (cfg.subset if cfg.eval is None or cfg.eval == cfg.train else None)
+
+
+def read_split(spec: str, split: str, subset: str | None, option: str) -> Source:
     try:
-        return read_source(spec, split, cfg.subset)
+        return read_source(spec, split, subset)
     except NoSuchSplit as exc:
         hint = f"; set {option} to one of them"
         if option == "data.eval_split":

@@ -110,9 +110,13 @@ def results_section(run_dir: Path, config: Config) -> str:
     )
 
 
-def card_text(run_dir: Path, config: Config) -> str:
+def card_text(run_dir: Path, config: Config, loss_params: Any = None, steps: int | None = None) -> str:
+    """The card's markdown; `loss_params` and `steps` as the trainer resolved them (the loss options after
+    data-dependent settings such as KTO's weights from the counts), else read back from the run directory."""
     spec = get_loss(config.loss_name)
-    loss = dataclasses.asdict(spec.make_params(config.loss, f"{run_dir}/config.yaml: loss"))
+    if loss_params is None:
+        loss_params = spec.make_params(config.loss, f"{run_dir}/config.yaml: loss")
+    loss = dataclasses.asdict(loss_params)
     m, d = config.model, config.data
     base = given_name(m)
     embedded = EMBEDDED.get(m.name)
@@ -124,7 +128,7 @@ def card_text(run_dir: Path, config: Config) -> str:
         (f"{s}.{k}", getattr(getattr(config, s), k)) for s, keys in HYPERPARAMETERS.items() for k in keys
     ]
     params += [(f"model.{k}", getattr(m, k)) for k in LORA] if lora else []
-    params += [("steps trained", steps_trained(run_dir))]
+    params += [("steps trained", steps if steps is not None else steps_trained(run_dir))]
     data = f"`{d.train}` (split `{d.train_split}`, format `{d.format}`{f', at most {d.limit} rows' if d.limit else ''})"
     template = f"; chat template `{m.chat_template}`" if m.chat_template else ""
     lines = [
@@ -160,8 +164,8 @@ def card_text(run_dir: Path, config: Config) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(run_dir: Path) -> Path:
-    """Write final/README.md for the run in `run_dir`; returns its path."""
+def write_model_card(run_dir: Path, loss_params: Any = None, steps: int | None = None) -> Path:
+    """Write final/README.md for the run in `run_dir` (see `card_text`); returns its path."""
     config = load_config(str(run_dir / "config.yaml"))
     spec = get_loss(config.loss_name)
     embedded = EMBEDDED.get(config.model.name)
@@ -172,7 +176,7 @@ def write_model_card(run_dir: Path) -> Path:
         pipeline_tag="text-generation" if spec.model == "policy" else "text-classification",
         tags=["prospect", spec.name, *(["lora"] if config.model.lora_r > 0 else [])],
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_text(run_dir, config)}")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_text(run_dir, config, loss_params, steps)}")
     path = run_dir / "final" / "README.md"
     card.save(path)
     return path

@@ -110,6 +110,9 @@ class PPOTrainer(RolloutTrainer):
         super().load_loop_state(state)
         self.kl.coef = state.get("kl_coef", self.kl.coef)
 
+    def scores_rollout(self) -> bool:
+        return True  # the critic's values at sampling time set the advantages
+
     def forward(self, seqs: Sequences, rollout: bool) -> dict[str, torch.Tensor]:
         """The actor's log-probs and the critic's values; in an update, the entropy too."""
         out = self.policy(

@@ -16,8 +16,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from prospect.config import TrainConfig
 from prospect.engine.model_card import write_model_card
-from prospect.errors import UserError
-from prospect.models.loading import first_line
+from prospect.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +68,10 @@ def push(
     return url
 
 
-def finish_run(run_dir: Path, train: TrainConfig) -> None:
-    """The end of a run, on the main process: final/README.md with the held-out results, then final/ pushed
-    to train.push_to_hub when set."""
-    write_model_card(run_dir)
+def finish_run(run_dir: Path, train: TrainConfig, loss_params: object, steps: int) -> None:
+    """The end of a run, on the main process: final/README.md with the held-out results and the loss options
+    as trained, then final/ pushed to train.push_to_hub when set."""
+    write_model_card(run_dir, loss_params, steps)
     if train.push_to_hub:
         url = push(run_dir, train.push_to_hub, where="train.push_to_hub")
         print(f"pushed {run_dir / 'final'}: {url}", flush=True)

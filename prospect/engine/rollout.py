@@ -34,6 +34,7 @@ from prospect.errors import UserError
 from prospect.losses.advantages import tied
 from prospect.losses.base import LossInputs, TokenInputs
 from prospect.losses.ppo import kl_penalty
+from prospect.models.decoding import Mixture
 from prospect.models.sampling import HFSampler, Sample, rollout_params
 from prospect.rewards import check_reward, load_reward
 
@@ -63,7 +64,7 @@ class RolloutTrainer(Trainer):
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
         super().__init__(config, callbacks)
         online = config.online
-        self.reward = load_reward(online, self.device, self.bf16)
+        self.reward = self.load_signal()
         self.sampler = HFSampler(  # the live policy's weights: one set-up for the whole run
             self.accelerator.unwrap_model(self.policy).model,
             self.tokenizer,
@@ -75,7 +76,7 @@ class RolloutTrainer(Trainer):
     def check_options(self) -> None:
         super().check_options()
         name = self.spec.name
-        check_reward(self.cfg.online)
+        self.check_signal()
         if self.cfg.online.sampler == "vllm":
             raise UserError(
                 f"online.sampler=vllm: loss '{name}' samples from the live policy every step; use 'prospect'"
@@ -86,6 +87,14 @@ class RolloutTrainer(Trainer):
             )
 
     # ----- hooks --------------------------------------------------------------------------------
+    def check_signal(self) -> None:
+        """Fail on a bad reward setting before anything loads."""
+        check_reward(self.cfg.online)
+
+    def load_signal(self) -> Any:
+        """What pays the samples: the reward model or function (`rewards` reads it)."""
+        return load_reward(self.cfg.online, self.device, self.bf16)
+
     def passes(self) -> tuple[int, int]:
         """(passes over each rollout, minibatches per pass): each minibatch is one optimizer update."""
         return self.params.epochs, self.params.minibatches
@@ -97,6 +106,12 @@ class RolloutTrainer(Trainer):
     def kl_estimator(self) -> str:
         """The per-token estimate of the KL to the reference that the rollout logs (and PPO pays)."""
         return "k1"
+
+    def scores_rollout(self) -> bool:
+        """Whether the rollout runs the policy over its samples before the updates: for the KL to the
+        reference, or for the ratio to the sampling policy after the first update. With one update and no
+        reference, the update's own log-probs, detached, are the sampling policy's, and the forward is saved."""
+        return self.spec.needs_reference or self.updates_per_step() > 1
 
     def forward(self, seqs: Sequences, rollout: bool) -> dict[str, torch.Tensor]:
         """The policy's per-token tensors on `seqs`, named as TokenInputs names them: at rollout time (no
@@ -124,10 +139,13 @@ class RolloutTrainer(Trainer):
         return lambda metrics: None
 
     # ----- one rollout and its updates ----------------------------------------------------------
-    def sample(self) -> tuple[list[EncodedPrompt], list[list[Sample]]]:
-        """This process's prompts of the step and their samples, G each. Each microbatch is sampled with the
-        seed of its place in the global batch, so one process accumulating k microbatches samples what k
-        processes do."""
+    def sample(
+        self, mixture: Mixture | None = None, stream: int = 0
+    ) -> tuple[list[EncodedPrompt], list[list[Sample]]]:
+        """This process's prompts of the step and their samples, G each (from the geometric `mixture` of the
+        policy and its reference when given). Each microbatch is sampled with the seed of its place in the
+        global batch, so one process accumulating k microbatches samples what k processes do; `stream` gives
+        a second set of samples of the same prompts its own seeds."""
         rank = self.accelerator.process_index
         micros = self.order.microbatches(self.step, rank)
         prompts: list[EncodedPrompt] = []
@@ -139,9 +157,10 @@ class RolloutTrainer(Trainer):
                     f"loss '{self.spec.name}' samples from prompts; the training items are not prompts"
                 )
             place = (self.step * len(micros) + micro) * self.world + rank
-            params = rollout_params(self.cfg.online, self.cfg.train.seed * 1_000_003 + place)
+            seed = self.cfg.train.seed * 1_000_003 + place + stream * 500_009
+            params = rollout_params(self.cfg.online, seed)
             with gathered(self.policy):
-                samples += self.sampler.generate([p.prompt_ids for p in items], params)
+                samples += self.sampler.generate([p.prompt_ids for p in items], params, mixture=mixture)
             prompts += items
         return prompts, samples
 
@@ -166,7 +185,8 @@ class RolloutTrainer(Trainer):
             "sampling_s": sampling,
         }
         with torch.no_grad():
-            batch.update(self.forward(seqs, rollout=True))
+            if self.scores_rollout():
+                batch.update(self.forward(seqs, rollout=True))
             if self.spec.needs_reference:
                 if self.live_reference is None:
                     raise ValueError(f"loss '{self.spec.name}' needs the live reference model")
@@ -225,6 +245,10 @@ class RolloutTrainer(Trainer):
             crop = {k: batch[k][piece, : width - 1] for k in TOKEN_FIELDS if k in batch}
             with accumulating(acc, self.policy, last=i == len(pieces) - 1):
                 fresh = self.forward(seqs, rollout=False)
+                if (
+                    "old_logps" not in crop
+                ):  # one update on the samples: the policy that sampled them is this one
+                    crop["old_logps"] = fresh["logps"].detach()
                 tokens = TokenInputs(**crop, **fresh, budget=self.cfg.online.max_new_tokens)
                 out = self.spec.compute(LossInputs(tokens=tokens), self.params)
                 loss = out.losses.sum() * self.world / units

@@ -53,7 +53,6 @@ from prospect.models.reference import (
     store_linears_in_bf16,
 )
 from prospect.progress import Progress, duration
-from prospect.report.page import write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +334,13 @@ class Trainer:
         if self.trackers():
             self.accelerator.end_training()
         if is_main:
-            finish_run(self.run_dir, t)  # the model card, with the held-out results; the push if asked
-            shown = ([self.run_dir / "report.json"] if before and after else []) + (
+            from prospect.report.page import write_run_report  # matplotlib: loaded when a report is written
+
+            finish_run(self.run_dir, t, self.params, self.step)  # the model card; the push if asked
+            judged = (
+                before and after and self.head.samples_for_evaluation
+            )  # a reward model's rows were printed
+            shown = ([self.run_dir / "report.json"] if judged else []) + (
                 [write_run_report(self.run_dir)] if after else []  # report.html: curves, samples
             )
             report = f"; report: {' and '.join(map(str, shown))}" if shown else ""

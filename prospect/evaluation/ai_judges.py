@@ -23,6 +23,7 @@ from prospect.errors import UserError
 from prospect.progress import Progress
 
 if TYPE_CHECKING:  # the HTTP judge needs neither torch nor transformers
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,17 @@ class LocalJudge:
         with Progress("judge verdicts", len(conversations), "verdicts", show=show) as progress:
             out = self.sampler.generate(chat_prompt_ids(self.tokenizer, conversations), params, progress)
         return [self.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in out]
+
+
+def local_judge(name: str, device: torch.device, bf16: bool) -> LocalJudge:
+    """A local model as judge: a path, a run directory (its final/), a hub or an embedded name."""
+    from prospect.config import ModelConfig
+    from prospect.models.loading import load_model
+    from prospect.recipe import run_model
+
+    model, tokenizer = load_model(ModelConfig(name=run_model(name)))
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), typed as the unbound method.
+    return LocalJudge(model.to(device), tokenizer, bf16=bf16)  # type: ignore[arg-type]
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")

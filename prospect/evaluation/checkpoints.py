@@ -122,31 +122,38 @@ def prompt_data(spec: str, models: list[Model]) -> DataConfig:
 
 
 class Sampler:
-    """Loads each model in turn and samples the prompts with it; the current reference stays loaded, as the
-    checkpoints of one run share it (and it is the baseline too, by default)."""
+    """Loads each model in turn and samples the prompts with it. A model used more than once (the reference
+    of several checkpoints, the baseline, a checkpoint that is also a reference) is loaded once and kept."""
 
     def __init__(self, request: EvalRequest, prompts: list[Example], max_prompt_length: int):
         self.request, self.prompts, self.max_prompt_length = request, prompts, max_prompt_length
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bf16 = use_bf16(request.precision, self.device)
-        self.reference: tuple[ModelConfig, nn.Module, Any] | None = None
+        self.reused: list[ModelConfig] = []
+        self.kept: list[tuple[ModelConfig, nn.Module, Any]] = []
+        self.loads = 0
 
-    def load(self, config: ModelConfig, keep: bool = False) -> tuple[nn.Module, Any]:
-        if self.reference is not None and self.reference[0] == config:
-            return self.reference[1], self.reference[2]
+    def load(self, config: ModelConfig) -> tuple[nn.Module, Any]:
+        for kept, model, tokenizer in self.kept:
+            if kept == config:
+                return model, tokenizer
         model, tokenizer = load_model(config)
+        self.loads += 1
         model.requires_grad_(False)
         model.to(self.device)  # type: ignore[arg-type]  # transformers' `to` takes a device
-        if keep:
-            self.reference = (config, model, tokenizer)
+        if config in self.reused:
+            self.kept.append((config, model, tokenizer))
         return model, tokenizer
+
+    def release(self) -> None:
+        self.kept = []
 
     def sample(self, name: str, config: ModelConfig, reference: ModelConfig | None) -> Side:
         """The model's completions (and KL to `reference` on them, when given)."""
         model, tokenizer = self.load(config)
         reference_logps = None
         if reference is not None:
-            reference_model, reference_tokenizer = self.load(reference, keep=True)
+            reference_model, reference_tokenizer = self.load(reference)
             if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise UserError(
                     f"checkpoint {name}: its tokenizer differs from its reference's ({reference.name}); the KL "
@@ -167,6 +174,8 @@ class Sampler:
         self, models: list[Model], references: list[ModelConfig], baseline: Model | None
     ) -> list[tuple[Side, Side]]:
         """(checkpoint, baseline) of every checkpoint; a baseline shared by several is sampled once."""
+        uses = [m.config for m in models] + references + ([baseline.config] if baseline else references)
+        self.reused = [c for i, c in enumerate(uses) if c in uses[i + 1 :]]
         baselines: dict[str, Side] = {}
         if baseline is not None:
             baselines[""] = self.sample(baseline.name, baseline.config, None)
@@ -189,7 +198,7 @@ def judge_all(
 ) -> dict[str, dict]:
     """Each judge loaded in turn: scoring judges score every completion once, AI judges compare each
     checkpoint's completion with its baseline's. Returns the AI judges' call counts."""
-    sampler.reference = None  # the models are done with
+    sampler.release()  # the models are done with
     items = [EncodedPrompt([], p.prompt, p.location, p.fields) for p in prompts]
     sides = list({id(s): s for pair in pairs for s in pair}.values())
     calls = {}

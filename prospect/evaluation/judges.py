@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from prospect.config import ModelConfig, OnlineConfig
+from prospect.config import OnlineConfig
 from prospect.data.formats import Text
 from prospect.errors import UserError
-from prospect.evaluation.ai_judges import AIJudge, HTTPJudge, LocalJudge
-from prospect.models.loading import load_model, looks_local
-from prospect.recipe import MARKER
-from prospect.rewards import FunctionReward, load_reward
+from prospect.evaluation.ai_judges import AIJudge, HTTPJudge, LocalJudge, local_judge
+from prospect.evaluation.preferences import bradley_terry, hard
+from prospect.models.loading import looks_local
+from prospect.recipe import run_model
+from prospect.rewards import FunctionReward, ModelReward, PairwisePreference, load_reward
 
 Judge = Callable[[list[str], list | None], list[float]]
 
@@ -61,7 +62,7 @@ def get_judge(
 
 # ----- the judges of `prospect eval`, by name ---------------------------------------------------
 
-JUDGE_NAMES = "vader, exact-match, reward:PATH, verifier:MODULE:FUNCTION, llm:PATH, http:URL"
+JUDGE_NAMES = "vader, exact-match, reward:PATH, pairwise:PATH, verifier:MODULE:FUNCTION, llm:PATH, http:URL"
 Compare = Callable[[list[Text], list[tuple[str, str]]], list[float | None]]
 
 
@@ -77,35 +78,59 @@ class AIJudgeOptions:
 
 @dataclass
 class NamedJudge:
-    """A judge as the user named it. A scoring judge scores each completion (`score`); an AI judge compares
-    a model's completion with the baseline's in both orders (`compare`: P(first is better), None when its
-    verdict could not be read) and counts its calls (`ai`)."""
+    """A judge as the user named it. A scoring judge scores each completion (`score`); a comparing judge (an
+    AI judge, a pairwise preference model) reads two completions in both orders (`compare`: P(first is
+    better), None when its verdict could not be read); an AI judge counts its calls (`ai`)."""
 
     name: str
     score: Judge | None = None
     compare: Compare | None = None
     ai: AIJudge | None = None
+    bradley_terry: bool = False  # its scores are a reward model's: P = sigmoid(difference)
+
+    def prefer(
+        self, prompts: list[Text], pairs: list[tuple[str, str]], items: list | None = None
+    ) -> list[float | None]:
+        """P(first > second | prompt) for each pair, whatever the judge: its comparison, or its two scores as
+        a Bradley-Terry preference (reward models) or a hard one (1, 0.5 on a tie, 0: the lexicon, verifiers).
+        `items` (EncodedPrompt, one per pair) carry the fields that verifiers read."""
+        if self.compare is not None:
+            return self.compare(prompts, pairs)
+        if self.score is None:
+            raise ValueError(f"judge {self.name} neither scores nor compares")
+        firsts = self.score([a for a, _ in pairs], items)
+        seconds = self.score([b for _, b in pairs], items)
+        as_preference = bradley_terry if self.bradley_terry else hard
+        return [as_preference(a, b) for a, b in zip(firsts, seconds)]
 
 
-def check_judges(names: str, options: AIJudgeOptions) -> list[str]:
+LOCAL_MODELS = {
+    "reward": "a reward model: a reward run or its final/",
+    "pairwise": "a pairwise preference model: a run of loss 'preference' or its final/",
+    "llm": "a causal LM",
+}
+
+
+def check_judges(names: str, options: AIJudgeOptions, option: str = "--judges") -> list[str]:
     """The comma-separated judge names, each checked (paths exist, functions import, URLs are https) before
-    anything slow runs."""
+    anything slow runs; errors name `option`."""
     judges = [n.strip() for n in names.split(",") if n.strip()]
     if not judges:
-        raise UserError(f"--judges: name at least one judge ({JUDGE_NAMES})")
+        raise UserError(f"{option}: name at least one judge ({JUDGE_NAMES})")
     if len(set(judges)) < len(judges):
-        raise UserError(f"--judges {names}: a judge is named twice")
+        raise UserError(f"{option} {names}: a judge is named twice")
     for name in judges:
         kind, _, arg = name.partition(":")
         if name in ("vader", "exact-match"):
             continue
-        if kind not in ("reward", "verifier", "llm", "http") or not arg:
-            raise UserError(f"--judges: unknown judge '{name}'; expected {JUDGE_NAMES}")
-        if kind in ("reward", "llm") and looks_local(arg) and not Path(arg).expanduser().exists():
-            what = "a reward model: a reward run or its final/" if kind == "reward" else "a causal LM"
-            raise UserError(f"--judges {name}: no such directory (expected {what}, or a hub name)")
+        if kind not in (*LOCAL_MODELS, "verifier", "http") or not arg:
+            raise UserError(f"{option}: unknown judge '{name}'; expected {JUDGE_NAMES}")
+        if kind in LOCAL_MODELS and looks_local(arg) and not Path(arg).expanduser().exists():
+            raise UserError(
+                f"{option} {name}: no such directory (expected {LOCAL_MODELS[kind]}, or a hub name)"
+            )
         if kind == "verifier":
-            FunctionReward(arg, "--judges verifier")
+            FunctionReward(arg, f"{option} verifier")
         if kind == "http":
             http_judge(arg, options)
     return judges
@@ -134,13 +159,13 @@ def load_judge(name: str, options: AIJudgeOptions, device: torch.device, bf16: b
     if kind in ("verifier", "exact-match"):
         online = OnlineConfig(reward_function=arg or "prospect.data.tasks:exact_match")
         return NamedJudge(name, score=reward_judge(online, device, bf16))
-    if kind in ("reward", "llm") and (Path(arg) / MARKER).is_file():
-        arg = str(Path(arg) / "final")  # a run directory: its model
     if kind == "reward":
-        return NamedJudge(name, score=reward_judge(OnlineConfig(reward_model=arg), device, bf16))
+        online = OnlineConfig(reward_model=run_model(arg))
+        return NamedJudge(name, score=reward_judge(online, device, bf16), bradley_terry=True)
+    if kind == "pairwise":
+        return NamedJudge(name, compare=PairwisePreference(ModelReward.load(run_model(arg), device, bf16)))
     if kind == "llm":
-        model, tokenizer = load_model(ModelConfig(name=arg))
-        complete: LocalJudge | HTTPJudge = LocalJudge(model.to(device), tokenizer, bf16=bf16)  # type: ignore[arg-type]
+        complete: LocalJudge | HTTPJudge = local_judge(arg, device, bf16)
     else:
         complete = http_judge(arg, options)
     ai = AIJudge(complete, cot=options.cot)

@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 import torch
 
 from prospect.config import DataConfig, EvalConfig
-from prospect.data.convert import to_groups
+from prospect.data.convert import completion_text, to_groups, to_pairs
 from prospect.data.formats import Example
 from prospect.data.pipeline import read_heldout_parsed
 from prospect.data.shapes import DataShape, sequences_of
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
 from prospect.evaluation.judges import Judge, get_judge
+from prospect.evaluation.preferences import PreferFn, hard, measure
 from prospect.models.scalar_head import ScalarScorer, score_in_batches
+from prospect.rewards import ModelReward, PairwisePreference
 
 ScoreFn = Callable[[list[list[int]], list[list[int]]], list[float]]
 
@@ -31,12 +33,16 @@ class RewardEval:
     pearson_r: float | None = None
     sign_accuracy: float | None = None
     rated: int = 0
+    expected_calibration_error: float | None = None  # a pairwise preference model's, on the same pairs
+    brier: float | None = None
     judge: dict = field(default_factory=dict)  # the same measurements for the baseline judge
 
     def rows(self) -> list[tuple[str, float | None, float | None]]:
         """(measure, model, judge) for printing."""
         return [
             ("pairwise accuracy", self.pair_accuracy, self.judge.get("pair_accuracy")),
+            ("expected calibration error", self.expected_calibration_error, self.judge.get("ece")),
+            ("Brier score", self.brier, self.judge.get("brier")),
             ("Pearson r with ratings", self.pearson_r, self.judge.get("pearson_r")),
             ("sign accuracy", self.sign_accuracy, self.judge.get("sign_accuracy")),
         ]
@@ -66,7 +72,7 @@ def evaluate_rewards(
         scores = score([p for p, _ in flat], [c for _, c in flat])
         result.pair_accuracy, result.comparisons = pair_accuracy(encoded, scores)
         if judge:
-            texts = [text_of(c) for g in groups for c in g.completions]
+            texts = [completion_text(c) for g in groups for c in g.completions]
             result.judge["pair_accuracy"] = pair_accuracy(encoded, judge(texts, None))[0]
     if kind == "rated":
         examples: list[Example] = parsed
@@ -76,8 +82,29 @@ def evaluate_rewards(
         result.rated = len(ratings)
         result.pearson_r, result.sign_accuracy = agreement(scores, ratings, threshold)
         if judge:
-            judged = judge([text_of(e.completion) for e in examples], None)
+            judged = judge([completion_text(e.completion) for e in examples], None)
             result.judge["pearson_r"], result.judge["sign_accuracy"] = agreement(judged, ratings, 0.0)
+    return result
+
+
+def evaluate_preferences(
+    prefer: PreferFn, cfg: DataConfig, judge: Judge | None, limit: int, seed: int
+) -> RewardEval:
+    """A pairwise preference model on the held-out pairs (each shown in a random order): accuracy and
+    calibration, beside the judge's scores read as a hard preference."""
+    kind, parsed = read_heldout_parsed(cfg)
+    pairs = to_pairs(kind, parsed, cfg, seed)[: limit or None]
+    model = measure(prefer, pairs, seed)
+    result = RewardEval(model.accuracy, model.comparisons)
+    result.expected_calibration_error, result.brier = model.ece, model.brier
+    if judge:
+
+        def judged(prompts: list, shown: list[tuple[str, str]]) -> list[float | None]:
+            firsts, seconds = judge([a for a, _ in shown], None), judge([b for _, b in shown], None)
+            return [hard(a, b) for a, b in zip(firsts, seconds)]
+
+        baseline = measure(judged, pairs, seed)
+        result.judge = {"pair_accuracy": baseline.accuracy, "ece": baseline.ece, "brier": baseline.brier}
     return result
 
 
@@ -100,10 +127,6 @@ def agreement(scores: list[float], ratings: list[float], threshold: float) -> tu
     r = statistics.correlation(scores, ratings) if len(set(scores)) > 1 else math.nan
     sign = sum((s > threshold) == (t > 0) for s, t in zip(scores, ratings)) / len(ratings)
     return r, sign
-
-
-def text_of(text) -> str:
-    return text if isinstance(text, str) else " ".join(m["content"] for m in text if m["role"] == "assistant")
 
 
 class RewardModelEvaluation:
@@ -132,6 +155,11 @@ class RewardModelEvaluation:
         def score(prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
             return score_in_batches(scorer, prompts, completions, self.pad_id, self.device)
 
+        if self.shape == "duels":
+            prefer = PairwisePreference(ModelReward(scorer, self.encoder, self.pad_id, self.device))
+            judge = get_judge(self.cfg.judge)
+            result = evaluate_preferences(prefer, self.data, judge, self.cfg.num_prompts, self.seed)
+            return self.show(result, when)
         threshold = 0.0
         if self.shape == "ranked":
             threshold = statistics.fmean(score(*sequences_of(self.train_items[:256], self.shape)))
@@ -144,6 +172,9 @@ class RewardModelEvaluation:
             self.cfg.num_prompts,
             self.seed,
         )
+        return self.show(result, when)
+
+    def show(self, result: RewardEval, when: str) -> RewardEval:
         if self.verbose:
             judge = self.cfg.judge
             print(f"{when}: {'':24}{'model':>8}{judge if judge != 'none' else '':>8}", flush=True)

@@ -31,8 +31,9 @@ Head = Literal["policy", "reward"]
 # What per-unit losses are averaged over in a step: examples (or pairs, lists), or completion tokens.
 Normalize = Literal["units", "tokens"]
 # How an engine step runs: batches of a dataset, or rollouts sampled from the policy: with a critic
-# (engine/ppo.py), or critic-free with advantages from each prompt's group of samples (engine/rollout.py).
-Loop = Literal["offline", "ppo", "group"]
+# (engine/ppo.py), critic-free with advantages from each prompt's group of samples (engine/rollout.py), or
+# against an opponent sampled from a mixture with the reference, paid by a preference (engine/nash.py).
+Loop = Literal["offline", "ppo", "group", "nash"]
 # Critic-free policy gradient: each sample's advantage from the sequence rewards of its prompt's group
 # [prompts, G], their sequence KL to the reference (None without one) and the loss's params.
 GroupAdvantages = Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor]

@@ -1,4 +1,5 @@
-"""Reward-model losses on scalar scores s(x, y) (the classic RLHF pipeline's second stage).
+"""Reward-model losses on scalar scores s(x, y) (the classic RLHF pipeline's second stage), and the pairwise
+preference model's on s(x, y, y').
 
 Comparisons come as ranked lists, best first; a pair is a list of two. A list of K completions gives its
 K-choose-2 comparisons in one batch, each weighted 1/C(K,2) so every prompt counts once (InstructGPT).
@@ -36,6 +37,11 @@ class MarginParams(BTParams):
 
 @dataclass
 class RegressionParams:
+    pass
+
+
+@dataclass
+class PreferenceParams:
     pass
 
 
@@ -80,6 +86,20 @@ def regression_loss(x: LossInputs, p: RegressionParams) -> LossOutput:
     return LossOutput(error**2, metrics, {})
 
 
+def preference_loss(x: LossInputs, p: PreferenceParams) -> LossOutput:
+    """A pairwise preference model (Munos et al., 2023, Nash learning from human feedback): its score s on
+    (prompt, both completions) is the logit of P(first preferred); -log sigmoid(s) when the first was
+    preferred, -log sigmoid(-s) when not. The data shape 'duels' gives every pair in both orders."""
+    scores, labels = x.require("scores"), x.require("labels")
+    losses = F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype), reduction="none")
+    metrics = {
+        "accuracy": mean_of(((scores > 0) == labels).float()),
+        "p_first": mean_of(torch.sigmoid(scores)),
+        "score": mean_of(scores),
+    }
+    return LossOutput(losses, metrics, {})
+
+
 REWARD_BT = LossSpec(
     "reward_bt", bradley_terry_loss, BTParams, "ranked", needs_reference=False, model="reward"
 )
@@ -88,5 +108,8 @@ SPECS = [
     dataclasses.replace(REWARD_BT, name="reward_margin", params=MarginParams),
     dataclasses.replace(
         REWARD_BT, name="reward_regression", compute=regression_loss, params=RegressionParams, data="rated"
+    ),
+    dataclasses.replace(
+        REWARD_BT, name="preference", compute=preference_loss, params=PreferenceParams, data="duels"
     ),
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from prospect.errors import UserError
+from prospect.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, option: str) -> None:
     try:
         tokenizer.apply_chat_template(PROBE, tokenize=False)
     except Exception as exc:  # jinja2's syntax and undefined errors, the template's raise_exception
-        reason = (str(exc).strip().split("\n")[0]) or type(exc).__name__
         raise UserError(
-            f"model.chat_template={option}: cannot render a user/assistant exchange ({reason})"
+            f"model.chat_template={option}: cannot render a user/assistant exchange ({first_line(exc)})"
         ) from None
     missing = [m for m in markers if len(tokenizer(m, add_special_tokens=False)["input_ids"]) != 1]
     if missing:

@@ -10,9 +10,11 @@ top-p are transformers' own logits warpers. Greedy decoding gives the tokens `ge
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,6 +59,53 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention
 
 
+@dataclass
+class Mixture:
+    """Nash-MD's opponent (Munos et al., 2023): the token-level geometric mixture of the model and a reference,
+    p(token) proportional to pi(token)^(1 - weight) * pi_ref(token)^weight at every step, which decoding
+    samples from. `context` wraps the reference's forwards (a LoRA policy with its adapter switched off)."""
+
+    reference: nn.Module
+    weight: float
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
+
+Part = tuple[nn.Module, Callable[[], contextlib.AbstractContextManager[Any]], float]
+
+
+class Stepper:
+    """The next-token logits of a model, or of a mixture of it with a reference (each with its own KV cache);
+    rows are repeated or dropped in every cache together."""
+
+    def __init__(self, model: nn.Module, mixture: Mixture | None):
+        self.parts: list[Part] = [(model, contextlib.nullcontext, 1.0)]
+        if mixture is not None:
+            self.parts = [(model, contextlib.nullcontext, 1 - mixture.weight)]
+            self.parts.append((mixture.reference, mixture.context, mixture.weight))
+        self.caches = [DynamicCache() for _ in self.parts]
+
+    def __call__(self, **inputs: Any) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for (model, context, weight), cache in zip(self.parts, self.caches):
+            with context():
+                logits = (
+                    model(**inputs, **{cache_keyword(model): cache, "use_cache": True}).logits[:, -1].float()
+                )
+            if len(self.parts) == 1:
+                return logits  # the model's own logits, as generate sees them
+            total = weight * logits.log_softmax(-1) + (0 if total is None else total)
+        assert total is not None
+        return total
+
+    def repeat(self, n: int) -> None:
+        for cache in self.caches:
+            cache.batch_repeat_interleave(n)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.batch_select_indices(rows)
+
+
 @torch.no_grad()
 def decode(
     model: nn.Module,
@@ -69,26 +118,22 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     on_step: Callable[[int], None] | None = None,
+    mixture: Mixture | None = None,
 ) -> list[tuple[list[int], bool]]:
     """`n` completions of each prompt, prompt-major: (token ids ending with the stop token when one was
     reached, whether it was reached). Sampling uses the global RNG (greedy when `temperature` is 0).
-    `on_step(rows)` is called after each decoding step with the number of rows that were decoded."""
+    `on_step(rows)` is called after each decoding step with the number of rows that were decoded. With a
+    `mixture`, tokens come from the geometric mixture of the model and its reference."""
     device = next(model.parameters()).device
     input_ids, attention = (t.to(device) for t in left_padded(prompts, pad_id))
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    with_cache = {cache_keyword(model): cache, "use_cache": True}
-    # The model's own logits (the full vocabulary) at the last position only.
-    output = model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions,
-        logits_to_keep=1,
-        **with_cache,
+    step_logits = Stepper(model, mixture)
+    # The logits (the full vocabulary) at the last position only.
+    logits = step_logits(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=1
     )
-    logits = output.logits[:, -1].float()
     if n > 1:
-        cache.batch_repeat_interleave(n)
+        step_logits.repeat(n)
         logits, attention = logits.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
     next_position = attention.sum(-1, keepdim=True)
     process = warpers(temperature, top_k, top_p)
@@ -112,7 +157,7 @@ def decode(
         if len(keep) == 0 or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):
-            cache.batch_select_indices(keep)
+            step_logits.keep(keep)
             rows, chosen, attention, next_position = (
                 rows[keep],
                 chosen[keep],
@@ -120,11 +165,6 @@ def decode(
                 next_position[keep],
             )
         attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
-        output = model(
-            input_ids=chosen[:, None],
-            attention_mask=attention,
-            position_ids=next_position,
-            **with_cache,
-        )
-        logits, next_position = output.logits[:, -1].float(), next_position + 1
+        logits = step_logits(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_position)
+        next_position = next_position + 1
     return list(zip(tokens, finished, strict=True))

@@ -28,7 +28,7 @@ from transformers import (
 
 from prospect.assets import cache_dir, replace_dir, sha256_of
 from prospect.config import ModelConfig
-from prospect.errors import UserError
+from prospect.errors import UserError, first_line
 from prospect.models import attention as segments
 from prospect.models.chat_templates import set_chat_template
 from prospect.models.default import EMBEDDED, embedded_gguf
@@ -279,8 +279,3 @@ def check_saved_weights(model: PreTrainedModel, directory: Path) -> None:
 def pickle_only(source: str) -> bool:
     path = Path(source)
     return path.is_dir() and any(path.glob("*.bin")) and not any(path.glob("*.safetensors"))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -27,6 +27,7 @@ from prospect.assets import cache_dir
 from prospect.data.batching import Sequences, pad
 from prospect.errors import UserError
 from prospect.io import atomic_path
+from prospect.models.decoding import Mixture
 from prospect.models.scoring import TokenScorer, split_head
 
 if TYPE_CHECKING:
@@ -89,6 +90,10 @@ class FrozenReference:
     def token_logps(self, seqs: Sequences) -> torch.Tensor:
         return self.scorer.token_logps(seqs)
 
+    def mixture(self, weight: float) -> Mixture:
+        """The geometric mixture of the policy with this reference, to decode from (Nash-MD)."""
+        return Mixture(self.scorer.model, weight)
+
     def __call__(self, seqs: Sequences) -> torch.Tensor:
         return seqs.per_sequence(self.token_logps(seqs))
 
@@ -104,6 +109,9 @@ class AdapterReference(FrozenReference):
     def token_logps(self, seqs: Sequences) -> torch.Tensor:
         with self.peft_model.disable_adapter():
             return self.policy_token_logps(seqs)
+
+    def mixture(self, weight: float) -> Mixture:
+        return Mixture(self.peft_model, weight, context=self.peft_model.disable_adapter)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 
 from prospect.config import OnlineConfig
 from prospect.errors import UserError
-from prospect.models.decoding import decode, left_padded
+from prospect.models.decoding import Mixture, decode, left_padded
 from prospect.progress import Progress
 
 
@@ -121,9 +121,16 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, progress: Progress | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        progress: Progress | None = None,
+        mixture: Mixture | None = None,
     ) -> list[list[Sample]]:
-        """`params.n` samples for each prompt, in prompt order; `progress` counts samples, token by token."""
+        """`params.n` samples for each prompt, in prompt order; `progress` counts samples, token by token. With
+        a `mixture`, from the geometric mixture of the model and a reference (prospect's decoder only)."""
+        if mixture is not None and self.decoder != "prospect":
+            raise UserError(f"online.sampler={self.decoder}: mixture sampling (Nash-MD) needs 'prospect'")
         stops = list(dict.fromkeys(stop_tokens(self.tokenizer) + params.stop_token_ids))
         device = next(self.model.parameters()).device
         # The lean loop decodes a prompt's n samples together from one prefill; generate takes the copies.
@@ -144,21 +151,17 @@ class HFSampler:
                 ticker = TokenTicker(progress, sequences, params.max_new_tokens) if progress else None
                 if lean:
                     on_step = (lambda rows, t=ticker: t.tick()) if ticker else None
-                    samples += [Sample(*done) for done in self.decode(chunk, params, stops, on_step)]
+                    done = decode(
+                        self.model, chunk, params.n, params.max_new_tokens, stops, self.tokenizer.pad_token_id,
+                        params.temperature, params.top_k, params.top_p, on_step, mixture,
+                    )  # fmt: skip
+                    samples += [Sample(*d) for d in done]
                 else:
                     samples += self.transformers_generate(chunk, params, stops, ticker)
                 if ticker:
                     ticker.finish()
         self.model.train(was_training)
         return [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
-
-    def decode(
-        self, chunk: list[list[int]], params: SamplingParams, stops: list[int], on_step
-    ) -> list[tuple[list[int], bool]]:
-        return decode(
-            self.model, chunk, params.n, params.max_new_tokens, stops, self.tokenizer.pad_token_id,
-            params.temperature, params.top_k, params.top_p, on_step,
-        )  # fmt: skip
 
     def transformers_generate(
         self, chunk: list[list[int]], params: SamplingParams, stops: list[int], ticker: TokenTicker | None

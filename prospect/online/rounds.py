@@ -29,15 +29,15 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from prospect.config import Config, ModelConfig
+from prospect.config import Config
 from prospect.data.pipeline import read_prompts
 from prospect.data.splits import evaluates
 from prospect.engine.rundir import RunDir
 from prospect.errors import UserError
-from prospect.evaluation.ai_judges import HTTPJudge, LocalJudge, prompt_text
+from prospect.evaluation.ai_judges import HTTPJudge, LocalJudge, local_judge, prompt_text
 from prospect.io import read_jsonl, write_jsonl, write_text_atomic
 from prospect.losses import LossSpec, get_loss
-from prospect.models.loading import load_model, resolve_model_source
+from prospect.models.loading import resolve_model_source
 from prospect.online.labellers import (
     Group,
     JudgeLabeller,
@@ -186,9 +186,7 @@ def make_judge(session: SamplingSession) -> JudgeLabeller:
             loop.judge_url, loop.judge_model, loop.judge_key_env, allow_http=loop.judge_allow_http
         )
     else:
-        model, tokenizer = load_model(ModelConfig(name=loop.judge))
-        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), typed as the unbound method.
-        complete = LocalJudge(model.to(session.device), tokenizer, bf16=session.bf16)  # type: ignore[arg-type]
+        complete = local_judge(loop.judge, session.device, session.bf16)
     return JudgeLabeller(complete, cot=loop.judge_cot)
 
 

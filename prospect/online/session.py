@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 
 from prospect.config import Config
 from prospect.data.pipeline import encode_prompts, read_prompts
-from prospect.data.splits import evaluates, same_evaluation
+from prospect.data.splits import evaluates, evaluation_subset, same_evaluation
 from prospect.data.tokenize import Encoder
 from prospect.engine.rundir import MARKER
 from prospect.evaluation.ai_judges import chat_prompt_ids
@@ -131,10 +131,11 @@ def nested_run(
     data = dataclasses.replace(
         config.data,
         train=str(data_file),
-        train_split="train",
+        subset=None,
         format=data_format,
         eval=held_out,
         eval_split=held_out_split,
+        eval_subset=evaluation_subset(config.data),
         limit=0,
     )
     train_values: dict[str, Any] = {

@@ -17,6 +17,7 @@ from prospect import __version__
 from prospect.errors import UserError
 from prospect.io import write_text_atomic
 from prospect.report import plots
+from prospect.report.calibration import load_preferences, preferences_section
 from prospect.report.eval_file import Checkpoint, EvalFile, load_eval
 from prospect.report.markup import details, esc, figure, num, samples_table, table, text
 from prospect.report.runs import (
@@ -382,8 +383,9 @@ def checkpoint_table(checkpoints: Checkpoints, labels: dict[int, str]) -> str:
     return table(["checkpoint", "path", *(h for _, _, h in CHECKPOINT_FIELDS)], rows, key="checkpoints")
 
 
-def render(runs: list[Run], files: list[EvalFile]) -> str:
-    title = "prospect report: " + ", ".join([r.name for r in runs] + [f.path.name for f in files])
+def render(runs: list[Run], files: list[EvalFile], preferences: list[tuple[Path, dict]] | None = None) -> str:
+    names = [r.name for r in runs] + [f.path.name for f in files] + [p.name for p, _ in preferences or []]
+    title = "prospect report: " + ", ".join(names)
     body = [
         f"<h1>{esc(title)}</h1>",
         f'<p class="facts">Written by prospect {__version__} on {time.strftime("%Y-%m-%d %H:%M")}.</p>',
@@ -392,6 +394,8 @@ def render(runs: list[Run], files: list[EvalFile]) -> str:
         body.append(runs_comparison(runs))
     if files:
         body.append(eval_comparison(files))
+    if preferences:
+        body.append(preferences_section(preferences))
     for run in runs:
         frontier = ""
         if len(runs) == 1:
@@ -404,12 +408,14 @@ def render(runs: list[Run], files: list[EvalFile]) -> str:
     )
 
 
-def write_report(run_dirs: list[Path], eval_files: list[Path], out: Path) -> Path:
-    """The report of `run_dirs` and `prospect eval` files, written to `out` (an .html file)."""
+def write_report(
+    run_dirs: list[Path], eval_files: list[Path], out: Path, preference_files: list[Path] | None = None
+) -> Path:
+    """The report of `run_dirs`, `prospect eval` and `prospect preferences` files, written to `out` (.html)."""
     if out.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"{out}: the report is an HTML file; name it ....html")
-    if not run_dirs and not eval_files:
-        raise UserError("prospect report: give one or more run directories, or --eval files")
+    if not run_dirs and not eval_files and not preference_files:
+        raise UserError("prospect report: give one or more run directories, --eval or --preferences files")
     runs = [load_run(p) for p in run_dirs]
     names = [r.name for r in runs]
     for run in runs:
@@ -425,7 +431,8 @@ def write_report(run_dirs: list[Path], eval_files: list[Path], out: Path) -> Pat
     files = [load_eval(p) for p in eval_files]
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such directory for the report")
-    write_text_atomic(out, render(runs, files))
+    preferences = [(p, load_preferences(p)) for p in preference_files or []]
+    write_text_atomic(out, render(runs, files, preferences))
     return out
 
 
