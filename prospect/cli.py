@@ -199,7 +199,7 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     arg(
         "--prompts",
         default="vader",
-        help="vader, arithmetic, run (the run's held-out data), a file or dataset",
+        help="vader, film-opinions (open prompts unlike the training ones), arithmetic, run (the run's held-out data), a file or dataset",
     )
     arg("--num-prompts", type=int, default=256, help="first N distinct prompts (default: %(default)s)")
     arg("--judges", default="vader", help="comma-separated judges, see below (default: %(default)s)")

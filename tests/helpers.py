@@ -174,3 +174,21 @@ def dequantized_model(vocab_size: int, hidden: int = 128, layers: int = 4, seed:
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 module.weight.copy_(q4_1_dequantized(module.weight))
     return model
+
+
+def miniature(recipe: str, model_dir, run_dir, **extra) -> list[str]:
+    """Overrides that run a shipped online recipe in miniature on the tiny model: 2 steps of 2 prompts, 4 new
+    tokens, 4 held-out prompts evaluated after each step."""
+    values = {
+        "model.name": str(model_dir),
+        "train.output_dir": str(run_dir),
+        "train.max_steps": 2,
+        "train.batch_size": 2,
+        "train.precision": "fp32",
+        "online.max_new_tokens": 4,
+        "eval.num_prompts": 4,
+        "eval.max_new_tokens": 4,
+        "eval.every": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]

@@ -403,3 +403,20 @@ def test_dpo_on_unpaired_data_says_the_data_is_unpaired(tmp_path):
     message = str(error.value)
     assert "the rows are unpaired" in message and "use an unpaired loss (kto, csft)" in message
     assert "pair_min_gap" not in message and "rating" not in message
+
+
+def test_the_open_film_prompts_differ_from_the_training_prompts():
+    from prospect.data.film_prompts import ASKINGS, FILMS
+    from prospect.data.sources import read_rows
+
+    rows = read_rows("film-opinions", "test")
+    texts = [r.values["prompt"][0]["content"] for r in rows]
+    assert len(set(texts)) == len(texts) == len(ASKINGS) * len(FILMS) == 256
+    for start in range(0, 256, 16):  # any 16 in a row: every asking and every film
+        window = texts[start : start + 16]
+        assert all(sum(a.split("{film}")[0] in t for t in window) >= 1 for a in ASKINGS)
+        assert all(sum(f in t for t in window) == 1 for f in FILMS)
+    training = {r.values["prompt"][0]["content"] for r in read_rows("vader-movies", "train")}
+    assert not any(t.startswith("Write a one-sentence movie review") for t in texts) and training
+    with pytest.raises(UserError, match=r"film-opinions: no split 'train'; it has test"):
+        read_rows("film-opinions", "train")

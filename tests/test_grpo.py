@@ -18,7 +18,7 @@ from prospect.losses import get_loss
 from prospect.losses.advantages import group_relative, leave_one_out
 from prospect.losses.base import LossInputs, TokenInputs
 from prospect.recipe import load_config
-from tests.helpers import tiny_overrides
+from tests.helpers import miniature, tiny_overrides
 from tests.test_kill_and_scale import cli, same, torchrun, weights
 
 
@@ -279,19 +279,8 @@ def test_two_processes_train_as_one_accumulating_two(tiny_model_dir, kto_file, t
 def test_the_arithmetic_recipes_run_in_miniature(recipe, tiny_model_dir, tmp_path):
     """The shipped recipes, on the tiny model: the exact-match verifier reads each prompt's answer field, and
     the held-out accuracy is measured during and after training."""
-    overrides = {
-        "model.name": str(tiny_model_dir),
-        "train.output_dir": str(tmp_path / "run"),
-        "train.max_steps": 2,
-        "train.batch_size": 2,
-        "train.precision": "fp32",
-        "online.samples_per_prompt": 2,
-        "online.max_new_tokens": 4,
-        "eval.num_prompts": 4,
-        "eval.max_new_tokens": 4,
-        "eval.every": 1,
-    }
-    make_trainer(load_config(recipe, [f"{k}={v}" for k, v in overrides.items()])).train()
+    overrides = miniature(recipe, tiny_model_dir, tmp_path / "run", **{"online.samples_per_prompt": 2})
+    make_trainer(load_config(recipe, overrides)).train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["score"] for line in lines] == [0.0, 0.0]  # the tiny model does not do sums
     evals = [json.loads(x) for x in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]

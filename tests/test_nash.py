@@ -18,7 +18,7 @@ from prospect.losses.nash import nash_md_advantages
 from prospect.models.decoding import Mixture, decode
 from prospect.models.sampling import SamplingParams
 from prospect.recipe import load_config
-from tests.helpers import build_model, tiny_overrides
+from tests.helpers import build_model, miniature, tiny_overrides
 from tests.test_kill_and_scale import cli, same, torchrun, weights
 
 
@@ -158,3 +158,20 @@ def test_two_processes_train_as_one_accumulating_two(tiny_model_dir, kto_file, t
         assert m1["score"] == pytest.approx(m2["score"], abs=1e-6)
         assert m1["opponent_length"] == m2["opponent_length"]
         assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4) and m1["grad_norm"] > 0
+
+
+def test_the_vader_recipe_runs_in_miniature(tiny_model_dir, tmp_path):
+    """The shipped recipe on the tiny model, paid by a verifier instead of the preference model it names."""
+    overrides = miniature(
+        "nash_md_smollm2_vader",
+        tiny_model_dir,
+        tmp_path / "run",
+        **{"online.preference": "verifier:tests.test_nash:shortness"},
+    )
+    config = load_config("nash_md_smollm2_vader", overrides)
+    assert (config.loss["mixture"], config.loss["beta"]) == (0.5, 0.05)
+    make_trainer(config).train()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and all(0 <= line["score"] <= 1 for line in lines)
+    evals = [json.loads(x) for x in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2]

@@ -329,11 +329,15 @@ def test_bad_input_is_one_line(tmp_path, capsys):
             f"{unfinished}: no held-out evaluation after training (report.json)",
         ),
         ([str(good), "-o", str(tmp_path / "r.txt")], f"{tmp_path / 'r.txt'}: the report is an HTML file"),
-        (["-o", out], "prospect report: give one or more run directories, or --eval files"),
+        (["-o", out], "prospect report: give one or more run directories, --eval or --preferences files"),
         (["--eval", str(tmp_path / "broken.json"), "-o", out], f"{tmp_path / 'broken.json'}: not valid JSON"),
         (
             ["--eval", str(tmp_path / "missing.json"), "-o", out],
             f"{tmp_path / 'missing.json'}: no such eval file",
+        ),
+        (
+            ["--preferences", str(good / "report.json"), "-o", out],
+            f'{good / "report.json"}: not a `prospect preferences` file (expected "kind": "preferences")',
         ),
     ]:
         code, _, err = run_cli(["report", *argv], capsys)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prospect.data import tasks, vader
+from prospect.data import film_prompts, tasks, vader
 from prospect.data.row import Row
 from prospect.errors import UserError, field_error, first_line, where
 
@@ -24,7 +24,11 @@ SAVED_DATASET = ("dataset_info.json", "state.json")  # what save_to_disk writes 
 
 
 # Built-in data sets by name: each loader takes a split and returns rows.
-BUILTINS: dict[str, Callable[[str], list[Row]]] = {**tasks.BUILTINS, **vader.BUILTINS}
+BUILTINS: dict[str, Callable[[str], list[Row]]] = {
+    **tasks.BUILTINS,
+    **vader.BUILTINS,
+    **film_prompts.BUILTINS,
+}
 
 
 @dataclass

@@ -37,7 +37,7 @@ from prospect.models.precision import use_bf16
 from prospect.models.scoring import TokenScorer
 from prospect.recipe import MARKER, run_config
 
-PROMPT_SOURCES = "vader, arithmetic, run, a prompts file, or a dataset"
+PROMPT_SOURCES = "vader, film-opinions, arithmetic, run, a prompts file, or a dataset"
 
 
 @dataclass

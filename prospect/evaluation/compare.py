@@ -75,8 +75,9 @@ def checkpoint_summary(
         "win_rate": {},
         "lc_win_rate": {},
     }
+    scores = {j: judged(model, baseline, j) for j in judges}
     for judge in judges:
-        ours, theirs = judged(model, baseline, judge)
+        ours, theirs = scores[judge]
         kept: list[int] = []
         a_scores: list[float] = []
         b_scores: list[float] = []
@@ -108,7 +109,6 @@ def checkpoint_summary(
     entry["accuracy"] = mean_stderr(correct) if correct is not None else None
     entry["baseline_accuracy"] = mean_stderr(baseline_correct) if baseline_correct is not None else None
     entry["agreement"] = judge_agreement([(model, baseline)], judges)
-    scores = {j: judged(model, baseline, j) for j in judges}
     entry["samples"] = [
         {
             "prompt": prompt_text(p.prompt),

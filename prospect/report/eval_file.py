@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from prospect.errors import UserError, field_error
-from prospect.report.runs import SamplePair, is_number, read_json
+from prospect.io import read_json
+from prospect.report.runs import SamplePair, is_number
 
 Numbers = dict[str, float]
 

@@ -8,7 +8,6 @@ rates against the baseline with their intervals, and comparison tables."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -125,10 +124,7 @@ def runs_table(runs: list[Run], labels: dict[Path, str]) -> str:
     rows = []
     for run in runs:
         b, a = run.before or {}, run.after or {}
-        change = se = None
-        if is_number(b.get("judge_mean")) and is_number(a.get("judge_mean")):
-            change = a["judge_mean"] - b["judge_mean"]
-            se = math.hypot(b.get("judge_stderr") or 0.0, a.get("judge_stderr") or 0.0)
+        change, se = run.judge_change() or (None, None)
         rows.append(
             [
                 f'<td><a href="#run-{esc(run.name)}">{esc(run.name)}</a></td>',

@@ -19,6 +19,7 @@ from typing import Any, TypeGuard
 import yaml
 
 from prospect.errors import UserError, shown
+from prospect.io import read_json
 from prospect.recipe import MARKER
 
 NOT_CURVES = ("step", "best", "skipped")
@@ -75,19 +76,19 @@ class Run:
     def judge(self) -> str:
         return str(self.config.get("eval.judge", "judge"))
 
+    def judge_change(self) -> tuple[float, float] | None:
+        """(after - before, its standard error) of the held-out judge's mean: independent samples, so the
+        errors add in quadrature."""
+        b, a = self.before or {}, self.after or {}
+        if not (is_number(b.get("judge_mean")) and is_number(a.get("judge_mean"))):
+            return None
+        spread = math.hypot(b.get("judge_stderr") or 0.0, a.get("judge_stderr") or 0.0)
+        return a["judge_mean"] - b["judge_mean"], spread
+
     @property
     def last_step(self) -> int:
         steps = [c.steps[-1] for c in self.curves.values() if c.steps] + [int(r["step"]) for r in self.evals]
         return max(steps, default=0)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it ({exc})") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

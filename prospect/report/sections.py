@@ -3,7 +3,6 @@ the same prompts answered before and after, side by side."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from prospect.report import plots
@@ -135,11 +134,11 @@ def heldout_table(run: Run) -> str:
 
 def judge_change(run: Run) -> str:
     """The change in judged score with its standard error (the two evaluations are independent samples)."""
-    b, a = run.before or {}, run.after or {}
-    if not all(is_number(x) for x in (b.get("judge_mean"), a.get("judge_mean"))):
+    a = run.after or {}
+    measured = run.judge_change()
+    if measured is None:
         return ""
-    change = a["judge_mean"] - b["judge_mean"]
-    spread = math.hypot(b.get("judge_stderr") or 0.0, a.get("judge_stderr") or 0.0)
+    change, spread = measured
     kl = f" at a KL of {a['kl_mean']:.3f} nats" if is_number(a.get("kl_mean")) else ""
     return (
         f"<p>Change in held-out judge score ({esc(run.judge)}): <b>{change:+.3f}</b> "
