@@ -133,6 +133,13 @@ class DataConfig:
         1.0, "Keep this fraction of desirable examples (the KTO paper's imbalance test).", bounds=SHARE
     )
     undesirable_fraction: float = opt(1.0, "Keep this fraction of undesirable examples.", bounds=SHARE)
+    min_agreement: float = opt(
+        0.0,
+        "Drop examples and pairs whose raters agree with their label less than this: the share of raters, "
+        "where the data tells it (raw ratings in a 'ratings' list, votes_chosen/votes_rejected, or an "
+        "'agreement' field); 0 keeps all.",
+        bounds=FRACTION,
+    )
     max_length: int = opt(256, "Maximum tokens of prompt + completion.", bounds=Bounds(2))
     max_prompt_length: int = opt(
         128, "Prompts longer than this keep their last tokens, when truncating.", bounds=AT_LEAST_ONE

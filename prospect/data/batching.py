@@ -109,6 +109,7 @@ class Batch:
     point_sequences: Sequences | None = None
     group_index: torch.Tensor | None = None  # ranked lists: the list of each sequence (rows best first)
     targets: torch.Tensor | None = None  # ratings: regression targets, or scores of ranked completions
+    agreement: torch.Tensor | None = None  # per unit: the raters' agreement with its label (NaN: unknown)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -119,6 +120,7 @@ class Batch:
             None if self.point_sequences is None else self.point_sequences.to(device),
             moved(self.group_index, device),
             moved(self.targets, device),
+            moved(self.agreement, device),
         )
 
 

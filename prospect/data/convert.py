@@ -19,11 +19,13 @@ import itertools
 import json
 import random
 from collections import defaultdict
-from typing import cast
+from typing import TypeVar, cast
 
 from prospect.config import DataConfig
 from prospect.data.formats import Example, Messages, Pair, Ranking, Text
 from prospect.errors import UserError
+
+Item = TypeVar("Item", Example, Pair)
 
 
 def to_unpaired(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Example]:
@@ -42,7 +44,20 @@ def to_unpaired(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Exa
             f"{cfg.train}: {kind} rows carry no desirable/undesirable signal; this loss needs labels, "
             "ratings, pairs or rankings"
         )
-    return subsample(examples, cfg, rng)
+    return subsample(agreeing(examples, cfg), cfg, rng)
+
+
+def agreeing(items: list[Item], cfg: DataConfig) -> list[Item]:
+    """The examples or pairs whose raters agree with them at least data.min_agreement (unknown: kept)."""
+    if cfg.min_agreement <= 0:
+        return items
+    kept = [it for it in items if it.agreement is None or it.agreement >= cfg.min_agreement]
+    if not kept:
+        raise UserError(
+            f"{cfg.train}: data.min_agreement={cfg.min_agreement:g} leaves no example (raters never agree "
+            "that much); lower it"
+        )
+    return kept
 
 
 def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
@@ -72,7 +87,7 @@ def to_pairs(kind: str, parsed: list, cfg: DataConfig, seed: int) -> list[Pair]:
             f"prompt whose ratings differ by at least data.pair_min_gap={cfg.pair_min_gap})"
         )
     rng.shuffle(pairs)
-    return pairs
+    return agreeing(pairs, cfg)
 
 
 def duel_text(first: str, second: str) -> str:
@@ -184,6 +199,8 @@ def assistant_turns(example: Example, only: bool) -> list[Example]:
 
 
 def labelled(example: Example, cfg: DataConfig) -> Example:
+    """A rated example labelled by the thresholds on its (mean) rating; with its raters' own ratings, their
+    agreement with the label: the share rating on its side of 0, a rating of 0 counting half."""
     rating = example.require_rating()
     if rating > cfg.desirable_above:
         label = True
@@ -191,7 +208,31 @@ def labelled(example: Example, cfg: DataConfig) -> Example:
         label = False
     else:
         label = None
-    return Example(example.prompt, example.completion, label, example.location, example.rating)
+    ratings = raw_ratings(example)
+    agreement = None
+    if label is not None and ratings:
+        sign = 1 if label else -1
+        agreement = sum(1.0 if r * sign > 0 else 0.5 if r == 0 else 0.0 for r in ratings) / len(ratings)
+    return Example(
+        example.prompt, example.completion, label, example.location, example.rating, agreement=agreement
+    )
+
+
+def raw_ratings(example: Example) -> list[float]:
+    """The individual raters' ratings of a rated row (a numeric list in its `ratings` field), or []."""
+    values = (example.fields or {}).get("ratings")
+    if not isinstance(values, list) or not values:
+        return []
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return []
+    return [float(v) for v in values]
+
+
+def order_agreement(better: list[float], worse: list[float]) -> float:
+    """The chance that a rating of the better completion exceeds one of the worse, ties half: with a different
+    set of raters per completion (as in the VADER study), the share of raters' comparisons it wins."""
+    wins = sum(1.0 if b > w else 0.5 if b == w else 0.0 for b in better for w in worse)
+    return wins / (len(better) * len(worse))
 
 
 def unpair(pairs: list[Pair], mode: str, rng: random.Random) -> list[Example]:
@@ -203,8 +244,9 @@ def unpair(pairs: list[Pair], mode: str, rng: random.Random) -> list[Example]:
             rng.random() < 0.5,
         )
         for desirable in sides:
+            completion = pair.chosen if desirable else pair.rejected
             examples.append(
-                Example(pair.prompt, pair.chosen if desirable else pair.rejected, desirable, pair.location)
+                Example(pair.prompt, completion, desirable, pair.location, agreement=pair.agreement)
             )
     return examples
 
@@ -252,10 +294,14 @@ def pairs_by_gap(
         ]
         if per_prompt and len(candidates) > per_prompt:
             candidates = rng.sample(candidates, per_prompt)
-        pairs += [
-            Pair(w.prompt, w.completion, lo.completion, f"{w.location} > {lo.location}", sw - sl)
-            for (w, sw), (lo, sl) in candidates
-        ]
+        for (w, sw), (lo, sl) in candidates:
+            raw_w, raw_lo = raw_ratings(w), raw_ratings(lo)
+            agreement = order_agreement(raw_w, raw_lo) if raw_w and raw_lo else None
+            pairs.append(
+                Pair(
+                    w.prompt, w.completion, lo.completion, f"{w.location} > {lo.location}", sw - sl, agreement
+                )
+            )
     return pairs
 
 

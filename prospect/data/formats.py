@@ -51,6 +51,7 @@ class Example:
     location: str
     rating: float | None = None
     fields: dict | None = None  # the row's other fields (e.g. a reference answer for a verifier)
+    agreement: float | None = None  # the share of raters whose own verdict is this label (when known)
 
     def require_rating(self) -> float:
         """The rating of a rated row (parsing sets one on every rated row)."""
@@ -66,6 +67,7 @@ class Pair:
     rejected: Text
     location: str
     margin: float | None = None  # how much better chosen is (a rating gap, or Llama 2's margin label)
+    agreement: float | None = None  # the share of raters who preferred chosen, ties half (when known)
 
 
 @dataclass
@@ -127,7 +129,8 @@ def parse_example(row: Row, kind: str) -> Example:
         return Example(prompt, "", None, row.location, None, fields)
     completion = check_text(row, output, values[output], completion=True)
     prompt, completion = align_kinds(prompt, completion)
-    return Example(prompt, completion, label, row.location, rating, fields)
+    agreement = share(row, "agreement") if kind == "unpaired" and "agreement" in values else None
+    return Example(prompt, completion, label, row.location, rating, fields, agreement)
 
 
 def binary(row: Row, name: str) -> bool:
@@ -176,7 +179,35 @@ def parse_paired(row: Row) -> Pair:
         margin = number(row, "margin", values["margin"])
         if margin < 0:
             raise field_error(row.location, "margin", "a number >= 0 (how much better chosen is)", margin)
-    return Pair(prompt, chosen, rejected, row.location, margin)
+    return Pair(prompt, chosen, rejected, row.location, margin, pair_agreement(row))
+
+
+def share(row: Row, name: str) -> float:
+    """A share of raters, a number in [0, 1]."""
+    value = number(row, name, row.values[name])
+    if not 0 <= value <= 1:
+        raise field_error(row.location, name, "a share of raters in [0, 1]", value)
+    return value
+
+
+def pair_agreement(row: Row) -> float | None:
+    """The share of raters who preferred chosen: `agreement`, or votes_chosen / (votes_chosen + votes_rejected)."""
+    values = row.values
+    if "agreement" in values:
+        return share(row, "agreement")
+    if "votes_chosen" not in values and "votes_rejected" not in values:
+        return None
+    votes = []
+    for name in ("votes_chosen", "votes_rejected"):
+        if name not in values:
+            raise field_error(row.location, name, "a count of votes (rows with votes give both sides)")
+        count = number(row, name, values[name])
+        if count < 0:
+            raise field_error(row.location, name, "a count of votes >= 0", count)
+        votes.append(count)
+    if sum(votes) == 0:
+        raise field_error(row.location, "votes_chosen", "at least one vote on either side", 0)
+    return votes[0] / sum(votes)
 
 
 def parse_halos_pair(row: Row) -> Pair:

@@ -106,13 +106,17 @@ def encode_all(examples: list, encoder: Encoder, prompts_only: bool = False) -> 
         return TrainingData(list(prompts), {"prompts": len(prompts)}, 0)
     items: list[Encoded] | list[EncodedPair] | list[EncodedGroup]
     if examples and isinstance(examples[0], Pair):
-        items = [encoder.encode_pair(p.prompt, p.chosen, p.rejected, p.location) for p in examples]
+        pairs = [encoder.encode_pair(p.prompt, p.chosen, p.rejected, p.location) for p in examples]
+        for pair_item, pair in zip(pairs, examples):
+            pair_item.agreement = pair.agreement
+        items = pairs
     elif examples and isinstance(examples[0], Ranking):
         items = [encoder.encode_group(r.prompt, r.completions, r.location, r.scores) for r in examples]
     else:
-        items = [encoder.encode(e.prompt, e.completion, e.label, e.location) for e in examples]
-        for item, example in zip(items, examples):
-            item.rating = example.rating
+        singles = [encoder.encode(e.prompt, e.completion, e.label, e.location) for e in examples]
+        for item, example in zip(singles, examples):
+            item.rating, item.agreement = example.rating, example.agreement
+        items = singles
     truncated = sum(i.truncated for i in items)
     if truncated:
         log.warning(

@@ -44,8 +44,16 @@ def every_completion(groups: list) -> TokenLists:
     return [g.prompt_ids for g in groups for _ in g.completions], [c for g in groups for c in g.completions]
 
 
+def agreement(items: list) -> dict[str, torch.Tensor]:
+    """Each unit's raters' agreement with its label (NaN where unknown); nothing when no item has one."""
+    values = [getattr(it, "agreement", None) for it in items]
+    if all(v is None for v in values):
+        return {}
+    return {"agreement": torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)}
+
+
 def labels(items: list) -> dict[str, torch.Tensor]:
-    return {"labels": torch.tensor([bool(it.label) for it in items], dtype=torch.bool)}
+    return {"labels": torch.tensor([bool(it.label) for it in items], dtype=torch.bool), **agreement(items)}
 
 
 def ratings(items: list) -> dict[str, torch.Tensor]:
@@ -74,7 +82,7 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     "unpaired": Shape(to_unpaired, one_each, labels),
     "completions": Shape(to_completions, one_each, labels),
-    "paired": Shape(to_pairs, chosen_then_rejected, nothing),
+    "paired": Shape(to_pairs, chosen_then_rejected, agreement),
     "ranked": Shape(to_groups, every_completion, ranks),
     "rated": Shape(to_rated, one_each, ratings),
     "prompts": Shape(to_prompts, None, nothing),

@@ -25,6 +25,7 @@ class Encoded:
     location: str
     truncated: bool = False
     rating: float | None = None  # regression target for reward models
+    agreement: float | None = None  # the raters' agreement with the label, when the data tells it
 
 
 @dataclass
@@ -51,6 +52,7 @@ class EncodedPair:
     rejected_ids: list[int]
     location: str
     truncated: bool = False
+    agreement: float | None = None  # the share of raters who preferred chosen, when the data tells it
 
 
 # What a training set holds, one kind per set: the loss's data shape decides which.

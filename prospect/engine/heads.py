@@ -77,6 +77,7 @@ class Head:
             reference_point=reference_point,
             group_index=batch.group_index,
             targets=batch.targets,
+            agreement=batch.agreement,
         )
 
     def outputs(self, policy: nn.Module, seqs: Sequences, pad_id: int) -> LossInputs:

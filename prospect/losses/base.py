@@ -75,6 +75,7 @@ TensorInput = Literal[
     "scores",
     "group_index",
     "targets",
+    "agreement",
 ]
 
 
@@ -94,6 +95,9 @@ class LossInputs:
     group_index: torch.Tensor | None = None  # ranked lists: the list of each sequence, best first
     targets: torch.Tensor | None = None  # ratings: regression targets or ranked scores (NaN: none)
     tokens: TokenInputs | None = None  # policy-gradient losses (PPO, GRPO, RLOO)
+    # [units]: the share of raters agreeing with each example's label or preferring each pair's chosen side,
+    # where the data tells it (NaN: unknown); None when no unit has one.
+    agreement: torch.Tensor | None = None
 
     @overload
     def require(self, name: TensorInput) -> torch.Tensor: ...

@@ -40,6 +40,11 @@ class KTOParams:
         False,
         "Set desirable_weight from the label counts so lambda_D * n_D / (lambda_U * n_U) = 1 (the paper's rule).",
     )
+    agreement_weights: bool = opt(
+        False,
+        "Weight each example's loss by its raters' agreement with its label (the share of raters on its "
+        "side, where the data tells it; 1 elsewhere): examples people disagree on count less.",
+    )
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ def prospect_loss(
     loss_d = p.desirable_weight * value(p.beta * (rewards - z))
     loss_u = p.undesirable_weight * value(p.beta * (z - rewards))
     losses = torch.where(desirable, loss_d, loss_u)
+    if p.agreement_weights and x.agreement is not None:
+        losses = losses * x.agreement.nan_to_num(1.0).to(losses.dtype)
     undesirable = ~desirable
     means = {
         "rewards/desirable": masked_mean_of(p.beta * rewards, desirable),

@@ -27,6 +27,15 @@ class DPOParams:
         bounds=Bounds(0, 0.5, high_open=True),
     )
     robust: bool = opt(False, "With label_smoothing: the unbiased robust DPO estimator (Chowdhury et al.).")
+    epsilon_from_raters: bool = opt(
+        False,
+        "Each pair's own epsilon: the share of its raters who preferred the rejected side (raw ratings, "
+        "votes or an agreement field in the data); label_smoothing for pairs without one. The robust "
+        "estimator caps it at 0.45.",
+    )
+
+
+MAX_ROBUST_EPSILON = 0.45  # the robust estimator divides by 1 - 2 eps
 
 
 @dataclass
@@ -79,11 +88,17 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, x: LossInputs) ->
 
 def dpo_loss(x: LossInputs, p: DPOParams) -> LossOutput:
     """-log sigmoid(beta * (r_c - r_r)), with label smoothing eps:
-    cDPO (1-eps) l(c,r) + eps l(r,c); robust ((1-eps) l(c,r) - eps l(r,c)) / (1 - 2 eps)."""
+    cDPO (1-eps) l(c,r) + eps l(r,c); robust ((1-eps) l(c,r) - eps l(r,c)) / (1 - 2 eps). eps is one number,
+    or each pair's raters' share preferring the rejected side (epsilon_from_raters)."""
     r_c, r_r = implied_rewards(x)
     logits = p.beta * (r_c - r_r)
     right, flipped = -F.logsigmoid(logits), -F.logsigmoid(-logits)
-    eps = p.label_smoothing
+    eps: float | torch.Tensor = p.label_smoothing
+    if p.epsilon_from_raters and x.agreement is not None:
+        flips = (1 - x.agreement).to(logits.dtype)
+        eps = torch.where(flips.isnan(), torch.full_like(flips, p.label_smoothing), flips)
+        if p.robust:
+            eps = eps.clamp(max=MAX_ROBUST_EPSILON)
     if p.robust:
         losses = ((1 - eps) * right - eps * flipped) / (1 - 2 * eps)
     else:

