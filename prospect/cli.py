@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--output", "-o", required=True, help="the HTML file to write, e.g. report.html")
     add_preferences_parser(commands)
+    add_feedback_parser(commands)
     push = commands.add_parser(
         "push",
         help="publish a run's final/ model on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
@@ -306,6 +307,75 @@ def preferences_command(args: argparse.Namespace) -> None:
     run_preferences(request)
 
 
+FEEDBACK_HELP = (
+    "look at feedback from many raters before training on it: agreement (Krippendorff's alpha), each item's "
+    "consensus, rater bias, label balance, length gaps, duplicates across splits, AI judges against people"
+)
+FEEDBACK_EXAMPLES = """examples:
+  prospect feedback                                   the VADER study's four corpora (about 20 raters per text)
+  prospect feedback vader-movies --corpora movieReviewSnippets -o movies.json --html movies.html
+  prospect feedback ratings.jsonl --judges none --split all
+DATA rows, one shape for the whole file (docs/feedback.md):
+  {prompt, completion, ratings: [numbers]}                  each item's raw ratings, raters unnamed
+  {prompt, completion, rating, rater}                       one rating a row by a named rater
+  {prompt, chosen, rejected, votes_chosen, votes_rejected}  pairs with vote counts
+  {prompt, completion, labels: {judge: label}}              several judges' labels of each item
+Optional: id (rows sharing one are one item), source or domain (a group reported on its own).
+Data without splits (one file) is split as training splits it: 10% of prompts, by hash, are `test`."""
+
+
+def add_feedback_parser(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "feedback",
+        help=FEEDBACK_HELP,
+        description=FEEDBACK_HELP,
+        epilog=FEEDBACK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    arg = sub.add_argument
+    arg(
+        "data",
+        nargs="?",
+        default="vader-movies",
+        metavar="DATA",
+        help="a feedback file or dataset, or vader-movies: the VADER study's ratings (default: %(default)s)",
+    )
+    arg(
+        "--corpora",
+        help="vader-movies: comma-separated corpora among movieReviewSnippets, tweets, "
+        "amazonReviewSnippets, nytEditorialSnippets (default: all four)",
+    )
+    arg("--split", default="all", choices=("train", "test", "all"), help="which items (default: %(default)s)")
+    arg(
+        "--judges",
+        default="vader",
+        help="comma-separated judges scoring each completion, compared with the people: vader, reward:PATH, "
+        "verifier:MODULE:FUNCTION, or none (default: %(default)s)",
+    )
+    arg("--bootstrap", type=int, default=1000, help="bootstrap resamples of the items (default: %(default)s)")
+    arg("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    arg("--output", "-o", help="JSON file to write: every number, and each item's consensus")
+    arg("--html", help="HTML page to write: figures and tables, self-contained")
+    arg("--overwrite", action="store_true", help="replace existing output files")
+
+
+def feedback_command(args: argparse.Namespace) -> None:
+    from prospect.evaluation.feedback import FeedbackRequest, run_feedback
+    from prospect.report.feedback import check_page, text_table, write_page
+
+    page = Path(args.html) if args.html else None
+    if page is not None:
+        check_page(page, args.overwrite)
+    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()] if args.corpora else None
+    request = FeedbackRequest(
+        args.data, args.split, corpora, args.judges, args.bootstrap, args.seed, args.output, args.overwrite
+    )
+    report = run_feedback(request)
+    print(text_table(report), flush=True)
+    if page is not None:
+        print(f"wrote {write_page(report, page)}", flush=True)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
@@ -321,6 +391,9 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "preferences":
         preferences_command(args)
+        return 0
+    if args.command == "feedback":
+        feedback_command(args)
         return 0
     if args.command == "report":
         from prospect.report.page import write_report

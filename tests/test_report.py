@@ -445,3 +445,6 @@ def test_score_at_equal_kl_interpolates_between_bracketing_checkpoints():
     other = [Point("before", 0, 0.2, 0.03, 0.0, 0.0), Point("after", 100, 0.4, 0.04, 2.0, 0.1)]
     assert common_kl_levels([points, other]) == [0.5, 1.0, 1.5, 2.0]
     assert common_kl_levels([points]) == []  # one run: nothing to compare
+    reach = [Point("before", 0, 0.2, 0.03, 0.0, 0.0), Point("after", 100, 0.4, 0.04, 2.8795, 0.1)]
+    levels = common_kl_levels([points, reach])  # 2.8795 would round up, past the run's last checkpoint
+    assert levels[-1] == 2.87 and all(score_at_kl(reach, kl) is not None for kl in levels)

@@ -252,4 +252,5 @@ def common_kl_levels(runs_points: list[list[Point]], count: int = 4) -> list[flo
     tops = [max(p.kl for p in points) for points in runs_points if points]
     if len(tops) < 2 or min(tops) <= 0:
         return []
-    return [round(min(tops) * (i + 1) / count, 2) for i in range(count)]
+    # Rounded down to 0.01 nats, so that the last level is never beyond the shortest run's reach.
+    return [math.floor(min(tops) * (i + 1) / count * 100) / 100 for i in range(count)]
