@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", required=True, help="the HTML file to write, e.g. report.html")
     add_preferences_parser(commands)
     add_feedback_parser(commands)
+    from prospect.online.icdpo_options import add_icdpo_parser  # options only: no torch
+
+    add_icdpo_parser(commands)
     push = commands.add_parser(
         "push",
         help="publish a run's final/ model on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
@@ -391,6 +394,12 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "preferences":
         preferences_command(args)
+        return 0
+    if args.command == "icdpo":
+        from prospect.online.icdpo import run_icdpo
+        from prospect.online.icdpo_options import icdpo_request
+
+        run_icdpo(icdpo_request(args))
         return 0
     if args.command == "feedback":
         feedback_command(args)

@@ -119,6 +119,11 @@ def test_consensus_by_hand():
     assert (c.label, c.share, c.mean) == ("good", pytest.approx(2 / 3), None)
 
 
+def test_null_ratings_are_missing(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"completion": "a", "ratings": [1, None, 3]}])
+    assert read_feedback(str(path)).items[0].values == [1.0, 3.0]
+
+
 def test_votes_become_ratings_and_labels_agree_nominally(tmp_path):
     votes = write_jsonl(
         tmp_path / "votes.jsonl",

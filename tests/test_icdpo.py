@@ -3,7 +3,6 @@ two-stage retriever (BM25 + hidden-state re-rank) against the random baseline, a
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -11,22 +10,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from prospect.cli import run
 from prospect.config import DataConfig, ModelConfig
 from prospect.data.formats import Example
 from prospect.data.pipeline import read_training
 from prospect.errors import UserError
 from prospect.models.loading import load_model
 from prospect.models.scoring import TokenScorer
-from prospect.online.icdpo import (
-    ICDPO,
-    Candidate,
-    ICDPOConfig,
-    ICDPORequest,
-    add_icdpo_parser,
-    best_candidate,
-    icdpo_command,
-    run_icdpo,
-)
+from prospect.online.icdpo import ICDPO, Candidate, best_candidate, run_icdpo
+from prospect.online.icdpo_options import ICDPOConfig, ICDPORequest
 from prospect.online.retrieval import (
     Demonstration,
     HiddenStateEmbedder,
@@ -237,9 +229,8 @@ def test_unpaired_sides_come_from_their_own_rows(tmp_path):
 
 
 def icdpo_cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_icdpo_parser(parser.add_subparsers(dest="command"))
-    icdpo_command(parser.parse_args(["icdpo", *argv]))
+    """`prospect icdpo ARGV` as the command line runs it; a user error is raised, not printed."""
+    run(["icdpo", *argv])
 
 
 def test_the_command_runs_with_its_flags(tiny_model_dir, tmp_path, feedback):

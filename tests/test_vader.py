@@ -22,7 +22,7 @@ def test_corpus_is_the_published_one(movies):
     assert len(movies) == 10605
     assert all(-4 <= m.mean <= 4 and len(m.ratings) >= 10 for m in movies)
     first = movies[0]
-    assert first.id == 1 and first.mean == pytest.approx(2.26666666667)
+    assert first.id == "1" and first.mean == pytest.approx(2.26666666667)
     assert first.mean == pytest.approx(sum(first.ratings) / len(first.ratings), abs=1e-6)
 
 
@@ -76,3 +76,14 @@ def test_a_tampered_archive_is_refused(tmp_path, monkeypatch):
     )
     with pytest.raises(AssertionError, match="re-fetch expected"):
         vader.corpus_archive()  # a cached file with the wrong checksum is not trusted
+
+
+def test_every_corpus_loads_with_distinct_ids():
+    """Amazon's ratings file opens with a byte-order mark, and Amazon's and NYT's ids are `review_sentence`
+    (`2_11`): read as integers, `2_11` and `21_1` were one id and 50 NYT snippets took others' ratings."""
+    for corpus in vader.CORPORA:
+        items = vader.load_ratings(corpus)
+        assert len({t.id for t in items}) == len(items) > 3000, corpus
+        assert all(len(t.ratings) >= 5 and min(t.ratings) >= -4 and max(t.ratings) <= 4 for t in items)
+    nyt = {t.id: t for t in vader.load_ratings("nytEditorialSnippets")}
+    assert "2_11" in nyt and "21_1" in nyt and nyt["2_11"].text != nyt["21_1"].text

@@ -33,7 +33,7 @@ HELD_OUT_PERCENT = 10
 @dataclass
 class RatedText:
     corpus: str
-    id: int
+    id: str  # as the corpus writes it: `42`, or `211_1` (review 211, sentence 1) for Amazon and NYT
     text: str
     mean: float
     std: float
@@ -71,15 +71,16 @@ def load_ratings(corpus: str = "movieReviewSnippets") -> list[RatedText]:
     with tarfile.open(corpus_archive()) as archive:
         truth = read_member(archive, f"hutto_ICWSM_2014/{corpus}_GroundTruth.txt")
         raw = read_member(archive, f"hutto_ICWSM_2014/{corpus}_anonDataRatings.txt")
+    # Ids stay text: int() would read `21_11` and `2_111` (review_sentence) as the same 2111.
     ratings = {}
     for line in raw:
         ident, _mean, std_text, values_text = line.split("\t")
-        ratings[int(ident)] = (float(std_text), [int(v) for v in values_text.strip("[] ").split(",")])
+        ratings[ident] = (float(std_text), [int(v) for v in values_text.strip("[] ").split(",")])
     items = []
     for line in truth:
         ident, mean, text = line.split("\t", 2)
-        std, values = ratings[int(ident)]
-        items.append(RatedText(corpus, int(ident), clean(text), float(mean), std, values))
+        std, values = ratings[ident]
+        items.append(RatedText(corpus, ident, clean(text), float(mean), std, values))
     return items
 
 
@@ -87,7 +88,7 @@ def read_member(archive: tarfile.TarFile, name: str) -> list[str]:
     handle = archive.extractfile(name)
     if handle is None:
         raise UserError(f"VADER corpus archive lacks {name}")
-    text = io.TextIOWrapper(handle, encoding="utf-8", errors="replace").read()
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace").read()  # Amazon's has a BOM
     return [line for line in text.splitlines() if line.strip()]
 
 

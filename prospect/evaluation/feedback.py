@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
-import tarfile
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from prospect.config import DataConfig
 from prospect.data import vader
@@ -43,7 +38,6 @@ FORMATS = {  # format -> (the field that tells it, its rows)
     "votes": ("votes_chosen", "{prompt, chosen, rejected, votes_chosen, votes_rejected}: vote counts"),
     "labels": ("labels", "{prompt, completion, labels: {judge: label}}: several judges' labels"),
 }
-TEXT_IDS = ("amazonReviewSnippets", "nytEditorialSnippets")  # VADER corpora whose ids are not numbers
 DEFAULTS = DataConfig()  # the thresholds and held-out share training uses
 
 
@@ -278,25 +272,8 @@ def vader_rows(corpora: list[str]) -> list[tuple[Row, str | None]]:
 
 
 def vader_snippets(corpus: str) -> list[Snippet]:
-    """The snippets of one corpus. The Amazon and New York Times corpora number theirs `review_sentence`
-    (`211_1`), which vader.load_ratings cannot read: int() takes `_` as a digit separator, so `21_11` and
-    `2_111` both become 2111 and one takes the other's ratings, and the Amazon ratings file opens with a
-    byte-order mark. Those two are read here, with the split rule of `RatedText.held_out`."""
-    if corpus not in TEXT_IDS:
-        return [Snippet(str(t.id), t.text, t.ratings, t.held_out) for t in vader.load_ratings(corpus)]
-    with tarfile.open(vader.corpus_archive()) as archive:
-        truth = vader.read_member(archive, f"hutto_ICWSM_2014/{corpus}_GroundTruth.txt")
-        raw = vader.read_member(archive, f"hutto_ICWSM_2014/{corpus}_anonDataRatings.txt")
-    ratings = {}
-    for line in raw:
-        ident, _mean, _std, values = line.lstrip("\ufeff").split("\t")
-        ratings[ident] = [int(v) for v in values.strip("[] ").split(",")]
-    snippets = []
-    for line in truth:
-        ident, _mean, text = line.lstrip("\ufeff").split("\t", 2)
-        held = zlib.crc32(f"{corpus}:{ident}".encode()) % 100 < vader.HELD_OUT_PERCENT
-        snippets.append(Snippet(ident, vader.clean(text), ratings[ident], held))
-    return snippets
+    """The snippets of one corpus, with their raw ratings and the built-in's held-out split."""
+    return [Snippet(t.id, t.text, t.ratings, t.held_out) for t in vader.load_ratings(corpus)]
 
 
 # ----- the report ----------------------------------------------------------------------------------------------
@@ -325,7 +302,7 @@ def summarise(
             "undesirable_below": DEFAULTS.undesirable_below,
         },
         "agreement": agreement_by_group(feedback, resamples, seed),
-        "consensus": consensus_summary(agreed),
+        "consensus": checks.consensus_summary(agreed),
         "raters": raters_report(items, agreed, numeric, records) if any(i.raters for i in items) else None,
         "checks": bias_checks(feedback, agreed),
     }
@@ -351,27 +328,6 @@ def agreement_by_group(feedback: Feedback, resamples: int, seed: int) -> dict[st
         }
         for group, members in groups_of(feedback.items).items()
     }
-
-
-def consensus_summary(agreed: list[checks.Consensus]) -> dict[str, Any]:
-    """How far each item's raters agree with its label, and (ratings) how spread their ratings are."""
-    shares = [c.share for c in agreed]
-    out: dict[str, Any] = {
-        "share_mean": statistics.fmean(shares),
-        "share_median": statistics.median(shares),
-        "below_0.7": sum(s < 0.7 for s in shares),
-        "labels": dict(Counter(c.label for c in agreed)),
-    }
-    spreads = [c.std for c in agreed if c.std is not None and c.n > 1]
-    if spreads:
-        counts, edges = np.histogram(spreads, bins=20)
-        out["spread"] = {
-            "mean": statistics.fmean(spreads),
-            "median": statistics.median(spreads),
-            "p90": float(np.percentile(spreads, 90)),
-            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
-        }
-    return out
 
 
 def raters_report(

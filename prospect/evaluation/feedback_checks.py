@@ -137,6 +137,27 @@ def consensus(values: Sequence[Value], numeric: bool) -> Consensus:
     return rating_consensus(values) if numeric else label_consensus(values)  # type: ignore[arg-type]
 
 
+def consensus_summary(agreed: list[Consensus]) -> dict[str, Any]:
+    """How far each item's raters agree with its label, and (ratings) how spread their ratings are."""
+    shares = [c.share for c in agreed]
+    out: dict[str, Any] = {
+        "share_mean": statistics.fmean(shares),
+        "share_median": statistics.median(shares),
+        "below_0.7": sum(s < 0.7 for s in shares),
+        "labels": dict(Counter(c.label for c in agreed)),
+    }
+    spreads = [c.std for c in agreed if c.std is not None and c.n > 1]
+    if spreads:
+        counts, edges = np.histogram(spreads, bins=20)
+        out["spread"] = {
+            "mean": statistics.fmean(spreads),
+            "median": statistics.median(spreads),
+            "p90": float(np.percentile(spreads, 90)),
+            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        }
+    return out
+
+
 def oriented_votes(votes: list[float], first: str, second: str) -> list[float]:
     """A pair's votes (+1: first side) counted for the side a hash of its two texts picks. Counted for the
     data's `chosen`, often the winning side of every pair, every item would lean the same way and alpha would

@@ -30,10 +30,10 @@ from prospect.data.batching import pad
 from prospect.data.formats import Example, Pair, Text
 from prospect.errors import UserError
 from prospect.models.scoring import TokenScorer
+from prospect.online.icdpo_options import RETRIEVERS
 
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG: every index says so
 Side = Literal["preferred", "dispreferred"]
-RETRIEVERS = ("two-stage", "bm25", "random")
 Embed = Callable[[list[str]], torch.Tensor]  # texts -> [n, hidden] vectors
 
 
