@@ -6,7 +6,6 @@ User errors end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -17,37 +16,6 @@ from prospect.errors import UserError
 
 DEMO_RECIPE = "kto_smollm2_vader"
 LAST_BARRIER: list[object] = []  # see end_processes
-
-
-def loss_options() -> str:
-    from prospect.losses import LOSSES
-
-    lines = ["loss (choose with loss.name):"]
-    for name, spec in sorted(LOSSES.items()):
-        needs = ["reference model" if spec.needs_reference else "no reference", f"{spec.data} data"]
-        if spec.reference_point is not None:
-            needs.append(spec.reference_point.summary)
-        lines.append(f"  {name}: {spec.describe()}")
-        lines.append(f"      needs: {', '.join(needs)}")
-        for f in dataclasses.fields(spec.params):
-            lines.append(f"  loss.{f.name} = {f.default!r}")
-            lines.append(f"      {f.metadata['help']}")
-    return "\n".join(lines)
-
-
-def all_options(only: list[str] | None = None) -> str:
-    """Every option, or those of the sections `only` ("loss": the losses and theirs)."""
-    from prospect.config import SECTIONS, describe_options
-    from prospect.options import suggest
-
-    for name in only or []:
-        if name not in SECTIONS and name != "loss":
-            raise UserError(
-                f"prospect options: unknown section '{name}'{suggest(name, [*SECTIONS, 'loss'])}; expected "
-                f"{', '.join([*SECTIONS, 'loss'])}"
-            )
-    parts = [describe_options(only or ())] if not only or set(only) - {"loss"} else []
-    return "\n".join(parts + ([loss_options()] if not only or "loss" in only else []))
 
 
 DESCRIPTION = (
@@ -151,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", required=True, help="the HTML file to write, e.g. report.html")
     add_preferences_parser(commands)
     add_feedback_parser(commands)
+    from prospect.online.gpo import add_gpo_parser  # torch is imported when a command runs
     from prospect.online.icdpo_options import add_icdpo_parser  # options only: no torch
 
     add_icdpo_parser(commands)
+    add_gpo_parser(commands)
     push = commands.add_parser(
         "push",
         help="publish a run's final/ model on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
@@ -382,6 +352,8 @@ def feedback_command(args: argparse.Namespace) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "options":
+        from prospect.cli_help import all_options
+
         print(all_options(args.sections))
         return 0
     if args.command == "push":
@@ -394,6 +366,11 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "preferences":
         preferences_command(args)
+        return 0
+    if args.command == "gpo":
+        from prospect.online.gpo import gpo_command
+
+        gpo_command(args)
         return 0
     if args.command == "icdpo":
         from prospect.online.icdpo import run_icdpo

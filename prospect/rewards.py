@@ -20,9 +20,11 @@ from prospect.data.sources import read_rows
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
 from prospect.io import write_jsonl
+from prospect.models.gpo import GPOReward
 from prospect.models.loading import looks_local
 from prospect.models.scalar_head import ScalarScorer, load_reward_model, score_head, score_in_batches
 
+GPO_PREFIX = "gpo:"  # online.reward_model=gpo:RUN:CONTEXT, a GPO module conditioned on one group's examples
 RewardFn = Callable[..., list[float]]  # (prompts, completions, fields per prompt or None) -> scores
 
 
@@ -102,10 +104,13 @@ def check_reward(cfg: OnlineConfig) -> None:
 
 
 def reward_source(cfg: OnlineConfig) -> FunctionReward | str:
-    """The reward function, or the reward model's path, of a checked reward setting."""
+    """The reward function, or the reward model's path (or `gpo:RUN:CONTEXT`), of a checked reward setting."""
     model, function = cfg.reward_model, cfg.reward_function
     if function and not model:
         return FunctionReward(function)
+    if model and not function and model.startswith(GPO_PREFIX):
+        GPOReward.check(model)  # the module and the group's examples, read without the LLM
+        return model
     if model and not function:
         if looks_local(model) and not Path(model).expanduser().exists():
             raise UserError(f"online.reward_model={model}: no such directory (train a reward model first)")
@@ -115,7 +120,11 @@ def reward_source(cfg: OnlineConfig) -> FunctionReward | str:
 
 def load_reward(cfg: OnlineConfig, device: torch.device, bf16: bool) -> RewardFn:
     source = reward_source(cfg)
-    return source if isinstance(source, FunctionReward) else ModelReward.load(source, device, bf16)
+    if isinstance(source, FunctionReward):
+        return source
+    if source.startswith(GPO_PREFIX):  # embeds at the precision it was trained with
+        return GPOReward.from_spec(source, device)
+    return ModelReward.load(source, device, bf16)
 
 
 def score_file(

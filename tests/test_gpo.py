@@ -16,9 +16,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from prospect.config import ModelConfig
+from prospect.config import ModelConfig, OnlineConfig
 from prospect.data.row import Row
+from prospect.data.tokenize import EncodedPrompt
 from prospect.errors import UserError
+from prospect.evaluation.judges import AIJudgeOptions, check_judges, load_judge
 from prospect.models.gpo import (
     CompletionEmbedder,
     GPOConfig,
@@ -48,6 +50,7 @@ from prospect.online.gpo_data import (
     sample_episode,
     split_groups,
 )
+from prospect.rewards import load_reward
 from tests.helpers import BAD, GOOD, TOPICS, write_jsonl
 
 DIM, ITEMS, LEVELS = 8, 200, [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -188,6 +191,9 @@ def test_save_and_load_give_the_same_module(tmp_path):
         assert torch.equal(loaded(cx, cy, tx), module(cx, cy, tx))
     with pytest.raises(UserError, match="no GPO module"):
         load_gpo(tmp_path / "nothing")
+    context = write_jsonl(tmp_path / "context.jsonl", [{"prompt": "p", "completion": "c", "rating": 2}])
+    with pytest.raises(UserError, match="names no embedder"):  # a reward source needs to know its LLM
+        GPOReward.check(f"gpo:{tmp_path / 'run'}:{context}")
     save_gpo(small_module(dim=4), tmp_path / "other")
     (tmp_path / "run" / "model.safetensors").replace(tmp_path / "other" / "model.safetensors")
     with pytest.raises(UserError, match=r"does not match config\.json"):
@@ -280,6 +286,21 @@ def test_the_command_trains_evaluates_and_gives_a_reward_source(
     reward = GPOReward.from_spec(f"gpo:{run}:{run / 'example_context.jsonl'}")
     values = reward(["Review the cartoon."] * 2, ["It was lovely and warm.", "It was a dull mess."])
     assert len(values) == 2 and all(1.0 <= v <= 3.0 for v in values)
+    # By name, as every reward source and judge: online.reward_model and --judges / online.preference.
+    name = f"gpo:{run}:{run / 'example_context.jsonl'}"
+    by_name = load_reward(OnlineConfig(reward_model=name), torch.device("cpu"), False)
+    assert by_name(["Review the cartoon."] * 2, ["It was lovely and warm.", "It was a dull mess."]) == values
+    judge = load_judge(name, AIJudgeOptions(), torch.device("cpu"), False)
+    items = [EncodedPrompt([], "Review the cartoon.", "x")]
+    pair = [("It was lovely and warm.", "It was a dull mess.")]
+    (preference,) = judge.prefer(["Review the cartoon."], pair, items)
+    assert preference == pytest.approx(1 / (1 + math.exp(-(values[0] - values[1]))))
+    with pytest.raises(UserError, match=r"online.preference: unknown judge|no such|gpo"):
+        check_judges(
+            f"gpo:{tmp_path / 'missing'}:{run / 'example_context.jsonl'}",
+            AIJudgeOptions(),
+            "online.preference",
+        )
 
     config = json.loads((run / "config.json").read_text())
     config["embedder"]["fingerprint"] = "0" * 16

@@ -33,7 +33,7 @@ LAYERS = [
     ("report", ("prospect.report",)),
     ("engine", ("prospect.engine",)),
     ("online", ("prospect.online",)),
-    ("cli", ("prospect.cli",)),
+    ("cli", ("prospect.cli", "prospect.cli_help")),
 ]
 
 

@@ -106,7 +106,14 @@ def test_a_tiny_policy_learns_what_the_preference_pays_for(tiny_model_dir, kto_f
     after = mean_characters()
     assert after < before - 1.0, (before, after)  # measured: 11.6 -> 9.7 characters in 6 tokens
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for key in ("policy_loss", "kl", "opponent_length", "unjudged", "sampled_tokens_per_s"):
+    for key in (
+        "policy_loss",
+        "kl",
+        "opponent_length",
+        "opponent_tokens",
+        "unjudged",
+        "sampled_tokens_per_s",
+    ):
         assert key in lines[-1]
 
 

@@ -69,8 +69,15 @@ class NashTrainer(GroupTrainer):
 
     def finish_metrics(self, batch: Rollout, stats: StepStats) -> Callable[[dict[str, float]], None]:
         """`score` is the mean P(y > y'): the policy's win rate against its opponent. Also the opponents'
-        length and the verdicts that could not be read."""
+        length, the verdicts that could not be read, and a sampling throughput that counts the opponents'
+        tokens too (the time spent sampling covers both)."""
         lengths = torch.tensor([float(len(s.token_ids)) for g in self.opponents for s in g])
         stats.add_mean("opponent_length", lengths.sum(), float(len(lengths)))
+        stats.add_total("opponent_tokens", float(lengths.sum()))
         stats.add_total("unjudged", float(self.unjudged))
-        return RolloutTrainer.finish_metrics(self, batch, stats)
+
+        def with_opponents(metrics: dict[str, float]) -> None:
+            sampled = metrics["generated_tokens"] + metrics["opponent_tokens"]
+            metrics["sampled_tokens_per_s"] = sampled / max(batch["sampling_s"], 1e-9)
+
+        return with_opponents

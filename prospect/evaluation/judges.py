@@ -17,6 +17,7 @@ from prospect.data.formats import Text
 from prospect.errors import UserError
 from prospect.evaluation.ai_judges import AIJudge, HTTPJudge, LocalJudge, local_judge
 from prospect.evaluation.preferences import bradley_terry, hard
+from prospect.models.gpo import GPOReward
 from prospect.models.loading import looks_local
 from prospect.recipe import run_model
 from prospect.rewards import FunctionReward, ModelReward, PairwisePreference, load_reward
@@ -62,7 +63,7 @@ def get_judge(
 
 # ----- the judges of `prospect eval`, by name ---------------------------------------------------
 
-JUDGE_NAMES = "vader, exact-match, reward:PATH, pairwise:PATH, verifier:MODULE:FUNCTION, llm:PATH, http:URL"
+JUDGE_NAMES = "vader, exact-match, reward:PATH, pairwise:PATH, gpo:RUN:CONTEXT, verifier:MODULE:FUNCTION, llm:PATH, http:URL"
 Compare = Callable[[list[Text], list[tuple[str, str]]], list[float | None]]
 
 
@@ -123,6 +124,9 @@ def check_judges(names: str, options: AIJudgeOptions, option: str = "--judges") 
         kind, _, arg = name.partition(":")
         if name in ("vader", "exact-match"):
             continue
+        if kind == "gpo":
+            GPOReward.check(name)
+            continue
         if kind not in (*LOCAL_MODELS, "verifier", "http") or not arg:
             raise UserError(f"{option}: unknown judge '{name}'; expected {JUDGE_NAMES}")
         if kind in LOCAL_MODELS and looks_local(arg) and not Path(arg).expanduser().exists():
@@ -161,6 +165,9 @@ def load_judge(name: str, options: AIJudgeOptions, device: torch.device, bf16: b
         return NamedJudge(name, score=reward_judge(online, device, bf16))
     if kind == "reward":
         online = OnlineConfig(reward_model=run_model(arg))
+        return NamedJudge(name, score=reward_judge(online, device, bf16), bradley_terry=True)
+    if kind == "gpo":  # a group's predicted rating, read as a Bradley-Terry preference like a reward model
+        online = OnlineConfig(reward_model=name)
         return NamedJudge(name, score=reward_judge(online, device, bf16), bradley_terry=True)
     if kind == "pairwise":
         return NamedJudge(name, compare=PairwisePreference(ModelReward.load(run_model(arg), device, bf16)))

@@ -378,14 +378,15 @@ def load_embedder(
     max_tokens: int = 256,
     batch_size: int = 32,
     cache: bool = True,
+    device: torch.device | None = None,
     trust_remote_code: bool = False,
 ) -> CompletionEmbedder:
-    """The frozen LLM `model_name` (as model.name) as an embedder, on the GPU when there is one. `bf16=None`
-    decides as train.precision=auto does; `cache=False` keeps no vector on disk."""
+    """The frozen LLM `model_name` (as model.name) as an embedder, on `device` (default: the GPU when there is
+    one). `bf16=None` decides as train.precision=auto does; `cache=False` keeps no vector on disk."""
     from prospect.models.precision import use_bf16
 
     model, tokenizer = load_model(ModelConfig(name=model_name, trust_remote_code=trust_remote_code))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.requires_grad_(False)
     model.to(device)  # type: ignore[arg-type]  # transformers' `to` takes a device
     model.eval()
@@ -412,36 +413,41 @@ class GPOReward:
         self.context_y = torch.tensor([c.distribution for c in context], dtype=torch.float32)
 
     @classmethod
-    def load(cls, run: str, context_file: str, trust_remote_code: bool = False) -> GPOReward:
-        """The module saved in `run` (a `prospect gpo train` directory), the LLM it was trained on as its
-        embedder (the same weights, checked by fingerprint, and precision), and a context file of the group's
-        {prompt, completion, rating | ratings} rows (.jsonl, .json, .csv or .parquet)."""
+    def check(cls, spec: str) -> tuple[GPOModule, list[RatedCompletion]]:
+        """The module and context of `gpo:RUN:CONTEXT`, read and checked without loading the LLM (cheap: for
+        option checks before anything slow runs)."""
+        run, context_file = parse_spec(spec)
         module = load_gpo(run)
-        spec = module.config.embedder
-        if spec is None:
+        if module.config.embedder is None:
             raise UserError(f"{run}/{CONFIG}: names no embedder; retrain it with `prospect gpo train`")
-        context = read_context(context_file, module.config.levels)
-        # The group's few examples are embedded once here; fresh samples are never written to the cache.
-        embedder = load_embedder(
-            spec.model, spec.bf16, spec.max_tokens, cache=False, trust_remote_code=trust_remote_code
-        )
-        if embedder.fingerprint != spec.fingerprint:
-            raise UserError(
-                f"{run}: trained on embeddings of another {spec.model!r} (fingerprint {spec.fingerprint}, now "
-                f"{embedder.fingerprint}); its predictions would not mean anything"
-            )
-        return cls(module, embedder, context)
+        return module, read_context(context_file, module.config.levels)
 
     @classmethod
-    def from_spec(cls, spec: str, trust_remote_code: bool = False) -> GPOReward:
-        """`gpo:RUN:CONTEXT` (the name a reward or judge option takes), or `RUN:CONTEXT`."""
-        body = spec.removeprefix("gpo:")
-        run, _, context_file = body.rpartition(":")
-        if not run or not context_file:
+    def from_spec(
+        cls, spec: str, device: torch.device | None = None, trust_remote_code: bool = False
+    ) -> GPOReward:
+        """`gpo:RUN:CONTEXT`: the module saved in RUN (a `prospect gpo train` directory), the LLM it was trained
+        on as its embedder (the same weights, checked by fingerprint, and precision; on `device`), and the
+        group's {prompt, completion, rating | ratings} rows in CONTEXT (.jsonl, .json, .csv or .parquet). The
+        module itself runs on the CPU."""
+        module, context = cls.check(spec)
+        embedding = module.config.embedder
+        assert embedding is not None  # check() refuses a module without one
+        # The group's few examples are embedded once here; fresh samples are never written to the cache.
+        embedder = load_embedder(
+            embedding.model,
+            embedding.bf16,
+            embedding.max_tokens,
+            cache=False,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
+        if embedder.fingerprint != embedding.fingerprint:
             raise UserError(
-                f"{spec!r}: expected gpo:RUN_DIR:CONTEXT_FILE (a GPO run and the group's examples)"
+                f"{spec}: trained on embeddings of another {embedding.model!r} (fingerprint "
+                f"{embedding.fingerprint}, now {embedder.fingerprint}); its predictions would not mean anything"
             )
-        return cls.load(run, context_file, trust_remote_code)
+        return cls(module, embedder, context)
 
     @torch.no_grad()
     def distributions(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
@@ -453,6 +459,14 @@ class GPOReward:
         self, prompts: Sequence[Text], completions: Sequence[Text], fields: list[dict] | None = None
     ) -> list[float]:
         return expected_rating(self.distributions(prompts, completions), self.module.levels).tolist()
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`gpo:RUN:CONTEXT` (or `RUN:CONTEXT`) -> (RUN, CONTEXT); the last colon splits them."""
+    run, _, context_file = spec.removeprefix("gpo:").rpartition(":")
+    if not run or not context_file:
+        raise UserError(f"{spec!r}: expected gpo:RUN_DIR:CONTEXT_FILE (a GPO run and the group's examples)")
+    return run, context_file
 
 
 def read_context(path: str, levels: list[float]) -> list[RatedCompletion]:

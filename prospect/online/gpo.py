@@ -1,6 +1,6 @@
 """GPO (Zhao, Dang & Grover, 2023, "Group Preference Optimization: Few-Shot Alignment of Large Language
 Models"): meta-training the in-context preference module (prospect/models/gpo.py) over many groups, its
-evaluation on held-out groups against two baselines, and `prospect gpo train | evaluate`.
+evaluation on held-out groups against three baselines, and `prospect gpo train | evaluate` (docs/gpo.md).
 
 Meta-training, as the paper's Algorithm 1 and the authors' `train_gpo.py`: each step draws a batch of training
 groups and one m (uniform in [min_context, max_context]); each group's examples are shuffled, the first m are
@@ -9,13 +9,9 @@ schedule, seeded. The held-out groups' loss on fixed episodes is logged, never u
 
 Evaluation, on the held-out groups: for each resample, each group's examples are shuffled once; the last
 `targets` are the targets, and the first m the context, for every m asked (so the contexts are nested and
-every m is scored on the same targets). Per method and m:
-* the paper's alignment score: 1 - W1(predicted, true distribution) / (top level - bottom level), averaged
-  over targets (OpinionQA's normalised Wasserstein distance over ordered answers, which the authors' code
-  uses for ordinal scales);
-* pairwise accuracy: over target pairs whose true mean ratings differ, the share the predicted mean ratings
-  order the same way (a tie in the prediction counts half);
-each averaged over resamples per group, then mean and standard error over groups.
+every m is scored on the same targets). Per method and m, the measures of gpo_data.MEASURES (the paper's
+alignment score, the ranked probability score, pairwise accuracy), each averaged over resamples per group,
+then mean and standard error over groups, and GPO's paired difference from each baseline.
 
 Methods: `gpo`; `pooled`, one softmax regression on the embeddings fitted to every training group's examples
 (one reward model for everyone; it ignores the context); `per_group`, a ridge regression on the embeddings
@@ -75,13 +71,13 @@ class GPOTrainConfig:
     max_context: int = opt(64, "Most context points of a training episode.", bounds=AT_LEAST_ONE)
     targets: int = opt(32, "Target points per group and episode.", bounds=AT_LEAST_ONE)
     learning_rate: float = opt(3e-4, "AdamW's peak learning rate (cosine decay to 0).", bounds=POSITIVE)
-    weight_decay: float = opt(0.01, "AdamW's weight decay.", bounds=NON_NEGATIVE)
+    weight_decay: float = opt(0.1, "AdamW's weight decay.", bounds=NON_NEGATIVE)
     width: int = opt(128, "Transformer width.", bounds=AT_LEAST_ONE)
     layers: int = opt(4, "Transformer layers.", bounds=AT_LEAST_ONE)
     heads: int = opt(4, "Attention heads.", bounds=AT_LEAST_ONE)
     feedforward: int = opt(256, "Feed-forward width.", bounds=AT_LEAST_ONE)
     dropout: float = opt(
-        0.0, "Dropout in the transformer layers while meta-training.", bounds=Bounds(0, 1, high_open=True)
+        0.2, "Dropout in the transformer layers while meta-training.", bounds=Bounds(0, 1, high_open=True)
     )
     eval_every: int = opt(250, "Steps between held-out loss readings.", bounds=AT_LEAST_ONE)
     seed: int = opt(0, "Seed of the module's initialisation and of the episodes.")
@@ -332,7 +328,14 @@ def evaluate(
     the baselines' penalties are chosen on the training groups."""
     import torch
 
-    from prospect.online.gpo_data import Measures, episode_of, measures, sample_episode, summarise
+    from prospect.online.gpo_data import (
+        Measures,
+        episode_of,
+        measures,
+        paired_difference,
+        sample_episode,
+        summarise,
+    )
 
     contexts = context_sizes(options.contexts)
     levels, largest = module.levels, max(contexts)
@@ -376,6 +379,10 @@ def evaluate(
                     for i, measured in enumerate(measures(make(m)(episode), episode.target_y, levels)):
                         scores[name][m][i].append(measured)
     table = {name: {str(m): summarise(per_m[m]) for m in contexts} for name, per_m in scores.items()}
+    baselines = [name for name in methods if name != "gpo"]
+    gpo_minus = {
+        b: {str(m): paired_difference(scores["gpo"][m], scores[b][m]) for m in contexts} for b in baselines
+    }
     return {
         "heldout_groups": len(eligible),
         "targets": options.targets,
@@ -383,6 +390,7 @@ def evaluate(
         "contexts": contexts,
         "penalties": {"pooled": pooled_penalty, "per_group": {str(m): p for m, p in penalties.items()}},
         "methods": table,
+        "gpo_minus": gpo_minus,  # paired over held-out groups: gpo's measure minus the baseline's
     }
 
 
@@ -402,7 +410,7 @@ def run_evaluate(run: Path, options: GPOEvalConfig, output: Path | None = None) 
     """Evaluate a `prospect gpo train` run on its held-out groups; write and print the table."""
     from prospect.io import read_json, write_json
     from prospect.models.gpo import load_gpo
-    from prospect.online.gpo_data import load_groups
+    from prospect.online.gpo_data import load_groups, result_tables
 
     if not (run / TRAINING).is_file():
         raise UserError(f"{run}: no {TRAINING}; expected a `prospect gpo train` directory")
@@ -413,25 +421,9 @@ def run_evaluate(run: Path, options: GPOEvalConfig, output: Path | None = None) 
     result = {"run": str(run), "data": record["data"], "options": dataclasses.asdict(options), **result}
     target = output or run / "evaluation.json"
     write_json(target, result)
-    print(text_table(result), flush=True)
+    print(result_tables(result), flush=True)
     print(f"gpo evaluate: {result['heldout_groups']} held-out groups -> {target}", flush=True)
     return result
-
-
-def text_table(result: dict[str, Any]) -> str:
-    """Each measure (mean ± standard error over held-out groups) by method and context size."""
-    from prospect.online.gpo_data import MEASURES
-
-    names = list(result["methods"])
-    lines = ["measure    m  " + "  ".join(f"{n:>17}" for n in names)]
-    for metric in MEASURES:
-        for m in result["contexts"]:
-            cells = []
-            for name in names:
-                value = result["methods"][name][str(m)][metric]
-                cells.append(f"{value[0]:.3f} ± {value[1]:.3f}".rjust(17) if value else f"{'-':>17}")
-            lines.append(f"{metric:<9} {m:>3}  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 GPO_HELP = "GPO: a small transformer that learns a group's preferences from a few of its examples, in context"

@@ -27,12 +27,14 @@ import math
 import os
 import pickle
 import statistics
+import warnings
 import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -130,8 +132,11 @@ def movielens_users(min_examples: int) -> GroupSet:
     """Each MovieLens user with at least `min_examples` ratings of films at least MIN_FILM_RATINGS users
     rated, as a group of one: its examples are those films, each rating a distribution with all its mass on
     the stars given."""
-    # The member's sha256 is pinned above, so unpickling it runs no code but pandas' own.
-    table = pickle.loads(lzma.decompress(movielens_archive().read_bytes()))
+    # The member's sha256 is pinned above, so unpickling it runs no code but pandas' own. It was pickled by an
+    # older pandas, whose numpy paths newer numpy calls deprecated.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        table = pickle.loads(lzma.decompress(movielens_archive().read_bytes()))
     raters: defaultdict[int, int] = defaultdict(int)
     for film in table["movieId"]:
         raters[int(film)] += 1
@@ -346,15 +351,58 @@ def measures(predicted: torch.Tensor, true: torch.Tensor, levels: torch.Tensor) 
     ]
 
 
+def group_means(per_group: list[list[Measures]], name: str) -> list[float | None]:
+    """Each group's mean of measure `name` over its resamples (None where it was never defined)."""
+    values = [[float(v) for r in resamples if (v := r[name]) is not None] for resamples in per_group]
+    return [statistics.fmean(v) if v else None for v in values]
+
+
+def mean_and_error(values: list[float]) -> list[float] | None:
+    """[mean, standard error of the mean], or None for no values."""
+    if not values:
+        return None
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return [statistics.fmean(values), error]
+
+
 def summarise(per_group: list[list[Measures]]) -> dict[str, list[float] | None]:
     """Each measure's [mean, standard error] over groups, of each group's mean over resamples."""
-    out: dict[str, list[float] | None] = {}
+    return {
+        name: mean_and_error([v for v in group_means(per_group, name) if v is not None]) for name in MEASURES
+    }
+
+
+def paired_difference(
+    first: list[list[Measures]], second: list[list[Measures]]
+) -> dict[str, list[float] | None]:
+    """Each measure's mean difference first - second over groups, both scored on the same targets, with the
+    standard error of the paired differences."""
+    out = {}
     for name in MEASURES:
-        means = []
-        for resamples in per_group:
-            values = [float(v) for v in (r[name] for r in resamples) if v is not None]
-            if values:
-                means.append(statistics.fmean(values))
-        error = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
-        out[name] = [statistics.fmean(means), error] if means else None
+        pairs = zip(group_means(first, name), group_means(second, name))
+        out[name] = mean_and_error([a - b for a, b in pairs if a is not None and b is not None])
     return out
+
+
+def result_tables(result: dict[str, Any], markdown: bool = False) -> str:
+    """An evaluation's tables, as text or Markdown: each measure (mean ± standard error over held-out groups)
+    by method and context size, then GPO's paired differences from each baseline."""
+    blocks = []
+    for prefix, table in (("", result["methods"]), ("gpo minus ", result["gpo_minus"])):
+        names = [prefix + n for n in table]
+        rows = []
+        for measure in MEASURES:
+            for m in result["contexts"]:
+                cells = [table[n][str(m)][measure] for n in table]
+                sign = "+" if prefix else ""
+                rows.append(
+                    [measure, str(m), *(f"{c[0]:{sign}.3f} ± {c[1]:.3f}" if c else "-" for c in cells)]
+                )
+        if markdown:
+            lines = ["| measure | m | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+        else:
+            lines = [f"{'measure':<9} {'m':>3}  " + "  ".join(f"{n:>22}" for n in names)]
+            lines += [f"{row[0]:<9} {row[1]:>3}  " + "  ".join(f"{c:>22}" for c in row[2:]) for row in rows]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

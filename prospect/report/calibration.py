@@ -43,7 +43,7 @@ def reliability_figure(name: str, sources: dict[str, Any]) -> str:
         ax,
         f"reliability on {name}",
         "P(first preferred) the source gave (bin mean)",
-        "share of pairs where people preferred the first",
+        "share where people preferred the first",
     )
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)
     return data_uri(fig)
