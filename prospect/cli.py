@@ -20,8 +20,9 @@ LAST_BARRIER: list[object] = []  # see end_processes
 
 DESCRIPTION = (
     "prospect aligns language models with feedback, on one engine: SFT, KTO, DPO, IPO, SimPO, ORPO and other "
-    "offline methods, reward models, PPO, best-of-N, and online loops (iterative KTO/DPO, ReST, ReST-EM, "
-    "Constitutional AI). A run is a YAML recipe plus section.key=value overrides."
+    "offline methods, reward and pairwise preference models, PPO, GRPO, RLOO, Nash-MD, best-of-N, online loops "
+    "(iterative KTO/DPO, ReST, ReST-EM, Constitutional AI), and alignment without training (ICDPO, GPO). A run "
+    "is a YAML recipe plus section.key=value overrides."
 )
 EXAMPLES = """examples:
   prospect demo                                   KTO on SmolLM2 with human ratings, a before/after report

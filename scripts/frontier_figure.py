@@ -20,10 +20,11 @@ NAMES = {  # the runs of docs/results.md, named for the figure's legend
     "demo-20261130c": "KTO on thresholded ratings, 8 a step (the demo)",
     "frontier-kto-one": "KTO, one side of each pair (one y per x)",
     "frontier-kto-imbalance": "KTO, 90% of desirable examples dropped, lambda_D 10.0",
+    "nash-md-lr5e-5": "Nash-MD on the pairwise preference model, 60 rollouts of 8",
 }
 
 
-def main(out: str, run_dirs: list[str], title: str = "KTO and DPO on VADER") -> None:
+def main(out: str, run_dirs: list[str], title: str = "Judged score against KL on VADER") -> None:
     runs = [load_run(Path(d)) for d in run_dirs]
     labels = method_labels(runs)
     labels = {r.path: NAMES.get(r.name, labels[r.path]) for r in runs}
