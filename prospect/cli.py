@@ -143,8 +143,9 @@ EVAL_EXAMPLES = """examples:
       --prompts vader --num-prompts 128 -o eval.json
   prospect eval runs/sft-arith --prompts arithmetic --judges exact-match -o arith.json
 Judges: vader (lexicon sentiment), exact-match (tasks' answers), reward:PATH (a reward model),
-verifier:MODULE:FUNCTION (f(prompt, completion[, fields]) -> float), llm:PATH (a local LLM comparing the two
-completions in both orders), http:URL (an OpenAI-compatible endpoint, likewise; --judge-model, --judge-key-env).
+gpo:RUN:CONTEXT (a group's predicted rating), verifier:MODULE:FUNCTION (f(prompt, completion[, fields]) ->
+float), and judges comparing the two completions in both orders: pairwise:PATH (a pairwise preference model),
+llm:PATH (a local LLM), http:URL (an OpenAI-compatible endpoint; --judge-model, --judge-key-env).
 Win rates count ties as half; intervals are 95% percentile bootstraps over prompts; the length-controlled win
 rate is explained in README's `prospect eval` section."""
 

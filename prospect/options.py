@@ -3,6 +3,7 @@ line, with one-line errors that suggest the closest valid name. Knows nothing of
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -162,3 +163,19 @@ def describe_section(name: str, cls: type) -> list[str]:
         lines.append(f"  {name}.{f.name} = {f.default!r}{allowed}")
         lines.append(f"      {f.metadata['help']}")
     return lines
+
+
+def add_option_flags(parser: argparse.ArgumentParser, section: type) -> None:
+    """One command-line flag per option of a config dataclass, `--name-with-dashes`, with its help."""
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        shown = f" [{', '.join(choices)}]" if choices else ""
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']}{shown} (default: {f.default})"
+        )
+
+
+def options_from_flags(args: argparse.Namespace, section: type, where: str) -> Any:
+    """The section built from the flags `add_option_flags` added, each value checked as its option is."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(section)}
+    return build_section(section, {k: CommandLineText(v) for k, v in given.items() if v is not None}, where)

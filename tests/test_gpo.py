@@ -295,7 +295,7 @@ def test_the_command_trains_evaluates_and_gives_a_reward_source(
     pair = [("It was lovely and warm.", "It was a dull mess.")]
     (preference,) = judge.prefer(["Review the cartoon."], pair, items)
     assert preference == pytest.approx(1 / (1 + math.exp(-(values[0] - values[1]))))
-    with pytest.raises(UserError, match=r"online.preference: unknown judge|no such|gpo"):
+    with pytest.raises(UserError, match=r"missing: no GPO module \(config.json and model.safetensors\)"):
         check_judges(
             f"gpo:{tmp_path / 'missing'}:{run / 'example_context.jsonl'}",
             AIJudgeOptions(),

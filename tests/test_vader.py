@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 
+from prospect import assets
 from prospect.config import DataConfig
 from prospect.data import vader
 from prospect.data.pipeline import read_training
@@ -72,7 +73,7 @@ def test_a_tampered_archive_is_refused(tmp_path, monkeypatch):
         pass
     target.write_bytes(buffer.getvalue())
     monkeypatch.setattr(
-        vader, "fetch", lambda dist: (_ for _ in ()).throw(AssertionError("re-fetch expected"))
+        assets, "fetch", lambda dist: (_ for _ in ()).throw(AssertionError("re-fetch expected"))
     )
     with pytest.raises(AssertionError, match="re-fetch expected"):
         vader.corpus_archive()  # a cached file with the wrong checksum is not trusted

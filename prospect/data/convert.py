@@ -209,10 +209,7 @@ def labelled(example: Example, cfg: DataConfig) -> Example:
     else:
         label = None
     ratings = raw_ratings(example)
-    agreement = None
-    if label is not None and ratings:
-        sign = 1 if label else -1
-        agreement = sum(1.0 if r * sign > 0 else 0.5 if r == 0 else 0.0 for r in ratings) / len(ratings)
+    agreement = side_share(ratings, 1 if label else -1) if label is not None and ratings else None
     return Example(
         example.prompt, example.completion, label, example.location, example.rating, agreement=agreement
     )
@@ -228,11 +225,20 @@ def raw_ratings(example: Example) -> list[float]:
     return [float(v) for v in values]
 
 
+def half_ties(a: float, b: float) -> float:
+    """A comparison scored 1 if a > b, 0 if a < b, and 1/2 on a tie."""
+    return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def side_share(ratings: list[float], side: int) -> float:
+    """The share of `ratings` on `side` (+1 or -1) of 0, a rating of 0 counting half."""
+    return sum(half_ties(r * side, 0.0) for r in ratings) / len(ratings)
+
+
 def order_agreement(better: list[float], worse: list[float]) -> float:
     """The chance that a rating of the better completion exceeds one of the worse, ties half: with a different
     set of raters per completion (as in the VADER study), the share of raters' comparisons it wins."""
-    wins = sum(1.0 if b > w else 0.5 if b == w else 0.0 for b in better for w in worse)
-    return wins / (len(better) * len(worse))
+    return sum(half_ties(b, w) for b in better for w in worse) / (len(better) * len(worse))
 
 
 def unpair(pairs: list[Pair], mode: str, rng: random.Random) -> list[Example]:

@@ -7,13 +7,12 @@ release on PyPI; it is fetched from there, checked against a pinned sha256 and c
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from prospect.assets import Distribution, cache_dir, fetch, sha256_of
+from prospect.assets import Distribution, fetch_member
 from prospect.data.row import Row
 from prospect.errors import UserError
 
@@ -47,21 +46,7 @@ class RatedText:
 
 def corpus_archive() -> Path:
     """The verified inner corpus archive, extracted once from the cached sdist."""
-    target = cache_dir() / "data" / "hutto_ICWSM_2014.tar.gz"
-    if target.is_file() and sha256_of(target) == CORPUS_SHA256:
-        return target
-    sdist = fetch(SDIST)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist) as outer:
-        member = outer.extractfile(CORPUS_MEMBER)
-        if member is None:
-            raise UserError(f"{sdist.name}: {CORPUS_MEMBER} is missing")
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(member.read())
-    if sha256_of(partial) != CORPUS_SHA256:
-        raise UserError(f"{CORPUS_MEMBER}: sha256 does not match the pinned value")
-    os.replace(partial, target)
-    return target
+    return fetch_member(SDIST, CORPUS_MEMBER, CORPUS_SHA256, "hutto_ICWSM_2014.tar.gz")
 
 
 def load_ratings(corpus: str = "movieReviewSnippets") -> list[RatedText]:

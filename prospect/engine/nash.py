@@ -12,19 +12,16 @@ import torch
 
 from prospect.data.tokenize import EncodedPrompt
 from prospect.engine.metrics import StepStats
-from prospect.engine.rollout import GroupTrainer, Rollout, RolloutTrainer
+from prospect.engine.rollout import GroupTrainer, Rollout
 from prospect.errors import UserError
 from prospect.evaluation.judges import AIJudgeOptions, NamedJudge, check_judges, load_judge
-from prospect.models.decoding import Mixture
 from prospect.models.sampling import Sample
 
 
 class NashTrainer(GroupTrainer):
+    min_group = 1  # the opponent, not the other samples of the prompt, is the baseline
     opponents: list[list[Sample]]
     unjudged: int = 0
-
-    def check_options(self) -> None:
-        RolloutTrainer.check_options(self)  # one sample per prompt is enough: the opponent is the baseline
 
     def judge_options(self) -> AIJudgeOptions:
         loop = self.cfg.loop
@@ -44,14 +41,12 @@ class NashTrainer(GroupTrainer):
         assert self.cfg.online.preference is not None
         return load_judge(self.cfg.online.preference, self.judge_options(), self.device, self.bf16)
 
-    def sample(
-        self, mixture: Mixture | None = None, stream: int = 0
-    ) -> tuple[list[EncodedPrompt], list[list[Sample]]]:
+    def sample(self) -> tuple[list[EncodedPrompt], list[list[Sample]]]:
         """The policy's samples; the opponents', from the mixture with the reference, kept for `rewards`."""
-        prompts, samples = super().sample()
+        prompts, samples = self.draw()
         if self.live_reference is None:
             raise ValueError(f"loss '{self.spec.name}' needs the live reference model for its opponent")
-        _, self.opponents = super().sample(self.live_reference.mixture(self.params.mixture), stream=1)
+        _, self.opponents = self.draw(self.live_reference.mixture(self.params.mixture), stream=1)
         return prompts, samples
 
     def rewards(self, prompts: list[EncodedPrompt], completions: list[list[str]]) -> torch.Tensor:

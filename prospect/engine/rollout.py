@@ -120,8 +120,8 @@ class RolloutTrainer(Trainer):
         return {"old_logps" if rollout else "logps": logps}
 
     def rewards(self, prompts: list[EncodedPrompt], completions: list[list[str]]) -> torch.Tensor:
-        """[prompts, G] sequence rewards of each prompt's G completions, from the reward model or function.
-        Other sources (a judge, a pairwise preference model scoring each sample against its group) fit here."""
+        """[prompts, G] sequence rewards of each prompt's G completions, from the reward model or function
+        (Nash-MD's: a preference against an opponent)."""
         size = len(completions[0])
         scores = self.reward(
             [p.prompt for p in prompts for _ in range(size)],
@@ -139,7 +139,11 @@ class RolloutTrainer(Trainer):
         return lambda metrics: None
 
     # ----- one rollout and its updates ----------------------------------------------------------
-    def sample(
+    def sample(self) -> tuple[list[EncodedPrompt], list[list[Sample]]]:
+        """This process's prompts of the step and what the rollout samples for them (timed as sampling)."""
+        return self.draw()
+
+    def draw(
         self, mixture: Mixture | None = None, stream: int = 0
     ) -> tuple[list[EncodedPrompt], list[list[Sample]]]:
         """This process's prompts of the step and their samples, G each (from the geometric `mixture` of the
@@ -245,10 +249,8 @@ class RolloutTrainer(Trainer):
             crop = {k: batch[k][piece, : width - 1] for k in TOKEN_FIELDS if k in batch}
             with accumulating(acc, self.policy, last=i == len(pieces) - 1):
                 fresh = self.forward(seqs, rollout=False)
-                if (
-                    "old_logps" not in crop
-                ):  # one update on the samples: the policy that sampled them is this one
-                    crop["old_logps"] = fresh["logps"].detach()
+                # With one update and no rollout forward, the policy that sampled the rows is this one.
+                crop.setdefault("old_logps", fresh["logps"].detach())
                 tokens = TokenInputs(**crop, **fresh, budget=self.cfg.online.max_new_tokens)
                 out = self.spec.compute(LossInputs(tokens=tokens), self.params)
                 loss = out.losses.sum() * self.world / units
@@ -263,13 +265,15 @@ class GroupTrainer(RolloutTrainer):
     """Critic-free policy gradient (GRPO, RLOO): each sample's advantage comes from the rewards of its
     prompt's group, by the loss's `group_advantages` hook, and all its completion tokens share it."""
 
+    min_group = 2  # samples per prompt the baseline needs
+
     def check_options(self) -> None:
         super().check_options()
         size = self.cfg.online.samples_per_prompt
-        if size < 2:
+        if size < self.min_group:
             raise UserError(
                 f"online.samples_per_prompt={size}: loss '{self.spec.name}' compares each sample with the "
-                "others of its prompt; set it to 2 or more"
+                f"others of its prompt; set it to {self.min_group} or more"
             )
 
     def advantages(self, batch: Rollout) -> None:

@@ -337,9 +337,8 @@ class Trainer:
             from prospect.report.page import write_run_report  # matplotlib: loaded when a report is written
 
             finish_run(self.run_dir, t, self.params, self.step)  # the model card; the push if asked
-            judged = (
-                before and after and self.head.samples_for_evaluation
-            )  # a reward model's rows were printed
+            # A reward model's evaluation prints its rows and writes no report.json.
+            judged = before and after and self.head.samples_for_evaluation
             shown = ([self.run_dir / "report.json"] if judged else []) + (
                 [write_run_report(self.run_dir)] if after else []  # report.html: curves, samples
             )

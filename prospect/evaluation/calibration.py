@@ -21,19 +21,17 @@ from prospect.data.splits import HELD_OUT, read_split
 from prospect.data.tokenize import EncodedPrompt
 from prospect.errors import UserError
 from prospect.evaluation.judges import AIJudgeOptions, check_judges, load_judge
-from prospect.evaluation.preferences import measure
+from prospect.evaluation.preferences import KIND, measure
 from prospect.io import write_text_atomic
 from prospect.models.precision import use_bf16
-
-KIND = "preferences"  # the JSON's "kind", which `prospect report --preferences` checks
 
 
 @dataclass
 class PreferenceRequest:
     judges: str
-    data: (
-        DataConfig  # the held-out data: data.eval (or data.train) at data.eval_split, paired as for training
-    )
+    # data.train's split data.eval_split (all of a file without splits, or 'held-out': the share training
+    # runs set aside), paired as for training
+    data: DataConfig
     output: str
     num_pairs: int = 0  # the first N held-out pairs (0: all)
     seed: int = 0

@@ -131,14 +131,12 @@ class Sampler:
         self.bf16 = use_bf16(request.precision, self.device)
         self.reused: list[ModelConfig] = []
         self.kept: list[tuple[ModelConfig, nn.Module, Any]] = []
-        self.loads = 0
 
     def load(self, config: ModelConfig) -> tuple[nn.Module, Any]:
         for kept, model, tokenizer in self.kept:
             if kept == config:
                 return model, tokenizer
         model, tokenizer = load_model(config)
-        self.loads += 1
         model.requires_grad_(False)
         model.to(self.device)  # type: ignore[arg-type]  # transformers' `to` takes a device
         if config in self.reused:

@@ -18,7 +18,7 @@ from typing import Any
 
 from prospect.config import DataConfig
 from prospect.data import vader
-from prospect.data.formats import Text, check_text, number, parse_paired
+from prospect.data.formats import Text, check_text, number, pair_agreement, parse_paired
 from prospect.data.row import Row
 from prospect.data.sources import has_splits, read_rows
 from prospect.data.splits import held_out, read_split
@@ -211,6 +211,7 @@ def row_marks(row: Row, form: str) -> tuple[list[Any], list[str]]:
             raise field_error(row.location, "rating", "a number: this rater's rating")
         return [number(row, "rating", values["rating"])], [str(rater)]
     if form == "votes":
+        pair_agreement(row)  # both counts given, none negative, not both 0: as training reads them
         counts = [number(row, name, values[name]) for name in ("votes_chosen", "votes_rejected")]
         for name, count in zip(("votes_chosen", "votes_rejected"), counts):
             if not count.is_integer():

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from prospect.data.convert import side_share
 from prospect.data.sources import LABEL_NAMES
 
 Value = Hashable  # one rater's rating (a number) or label (text)
@@ -119,8 +120,7 @@ def rating_consensus(ratings: Sequence[float]) -> Consensus:
     if label == ZERO:
         share = sum(r == 0 for r in ratings) / len(ratings)
     else:
-        side = 1 if label == POSITIVE else -1
-        share = sum(1.0 if r * side > 0 else 0.5 if r == 0 else 0.0 for r in ratings) / len(ratings)
+        share = side_share(list(ratings), 1 if label == POSITIVE else -1)
     stderr = statistics.stdev(ratings) / math.sqrt(len(ratings)) if len(ratings) > 1 else None
     return Consensus(
         len(ratings), label, share, mean, stderr, statistics.median(ratings), statistics.pstdev(ratings)

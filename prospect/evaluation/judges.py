@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from prospect.config import OnlineConfig
+from prospect.data.convert import half_ties
 from prospect.data.formats import Text
 from prospect.errors import UserError
 from prospect.evaluation.ai_judges import AIJudge, HTTPJudge, LocalJudge, local_judge
-from prospect.evaluation.preferences import bradley_terry, hard
+from prospect.evaluation.preferences import bradley_terry
 from prospect.models.gpo import GPOReward
 from prospect.models.loading import looks_local
 from prospect.recipe import run_model
@@ -101,7 +102,7 @@ class NamedJudge:
             raise ValueError(f"judge {self.name} neither scores nor compares")
         firsts = self.score([a for a, _ in pairs], items)
         seconds = self.score([b for _, b in pairs], items)
-        as_preference = bradley_terry if self.bradley_terry else hard
+        as_preference = bradley_terry if self.bradley_terry else half_ties
         return [as_preference(a, b) for a, b in zip(firsts, seconds)]
 
 

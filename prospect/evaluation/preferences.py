@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from prospect.data.convert import completion_text
 from prospect.data.formats import Pair, Text
 
+KIND = (
+    "preferences"  # the "kind" of a `prospect preferences` file, which `prospect report --preferences` checks
+)
 PreferFn = Callable[[list[Text], list[tuple[str, str]]], list[float | None]]  # P(first > second), or None
 
 
@@ -89,11 +92,6 @@ def measure(prefer: PreferFn, pairs: list[Pair], seed: int, bins: int = 10) -> P
     """`prefer` on the held-out `pairs`, each shown in a random order, against what people preferred."""
     prompts, shown, outcomes = shown_in_random_order(pairs, seed)
     return quality(prefer(prompts, shown), outcomes, bins)
-
-
-def hard(first: float, second: float) -> float:
-    """A score compared as a preference without a scale: 1 if the first scores higher, 0 if lower, 0.5 tied."""
-    return 1.0 if first > second else 0.0 if first < second else 0.5
 
 
 def bradley_terry(first: float, second: float) -> float:

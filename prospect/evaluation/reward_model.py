@@ -18,8 +18,8 @@ from prospect.data.pipeline import read_heldout_parsed
 from prospect.data.shapes import DataShape, sequences_of
 from prospect.data.tokenize import Encoder
 from prospect.errors import UserError
-from prospect.evaluation.judges import Judge, get_judge
-from prospect.evaluation.preferences import PreferFn, hard, measure
+from prospect.evaluation.judges import Judge, NamedJudge, get_judge
+from prospect.evaluation.preferences import PreferFn, measure
 from prospect.models.scalar_head import ScalarScorer, score_in_batches
 from prospect.rewards import ModelReward, PairwisePreference
 
@@ -98,12 +98,7 @@ def evaluate_preferences(
     result = RewardEval(model.accuracy, model.comparisons)
     result.expected_calibration_error, result.brier = model.ece, model.brier
     if judge:
-
-        def judged(prompts: list, shown: list[tuple[str, str]]) -> list[float | None]:
-            firsts, seconds = judge([a for a, _ in shown], None), judge([b for _, b in shown], None)
-            return [hard(a, b) for a, b in zip(firsts, seconds)]
-
-        baseline = measure(judged, pairs, seed)
+        baseline = measure(NamedJudge("judge", score=judge).prefer, pairs, seed)
         result.judge = {"pair_accuracy": baseline.accuracy, "ece": baseline.ece, "brier": baseline.brier}
     return result
 

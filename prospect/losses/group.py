@@ -10,13 +10,14 @@ takes the KL out of the reward instead. `loss_type` says how token losses are ag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from prospect.losses.advantages import group_relative, leave_one_out
-from prospect.losses.base import LossInputs, LossOutput, LossSpec, TokenInputs, masked_mean_of
+from prospect.losses.base import Loop, LossInputs, LossOutput, LossSpec, TokenInputs, masked_mean_of
 from prospect.losses.ppo import kl_penalty, policy_loss, policy_metrics
 from prospect.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, opt
 
@@ -103,9 +104,9 @@ def grpo_loss(x: LossInputs, p: GRPOParams) -> LossOutput:
     return LossOutput(aggregate(per_token, mask, p.loss_type, g.budget), metrics, {})
 
 
-def rloo_loss(x: LossInputs, p: RLOOParams) -> LossOutput:
-    """max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) per completion token, A = r_i - mean_{j != i} r_j over the
-    other samples of the prompt (rewards net of beta * KL), aggregated by loss_type."""
+def sequence_advantage_loss(x: LossInputs, p: RLOOParams) -> LossOutput:
+    """max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) per completion token, A the sample's advantage (its
+    method's baseline and KL already taken out of its reward), aggregated by loss_type."""
     g = x.require("tokens")
     per_token, metrics = clipped(g, p)
     return LossOutput(aggregate(per_token, g.mask.to(g.logps.dtype), p.loss_type, g.budget), metrics, {})
@@ -119,29 +120,47 @@ def rloo_advantages(scores: torch.Tensor, kl: torch.Tensor | None, p: RLOOParams
     return leave_one_out(scores - p.beta * kl if kl is not None and p.beta > 0 else scores)
 
 
+def normalization(p: Any) -> dict[str, Any]:
+    """'dapo'/'bnpo' average over the step's completion tokens, the others over its completions."""
+    return {"normalize": "tokens" if p.loss_type in ("dapo", "bnpo") else "units"}
+
+
 def adapt(p: Any) -> dict[str, Any]:
-    """A KL coefficient of 0 needs no reference model; 'dapo'/'bnpo' average over tokens."""
-    return {
-        "needs_reference": p.beta > 0,
-        "normalize": "tokens" if p.loss_type in ("dapo", "bnpo") else "units",
-    }
+    """A KL coefficient of 0 needs no reference model; the loss type sets the normalisation."""
+    return {"needs_reference": p.beta > 0, **normalization(p)}
 
 
-def group_spec(name: str, compute: Any, params: type, advantages: Any) -> LossSpec:
-    """A critic-free method of the group loop, declared as its default options need it."""
+def group_spec(
+    name: str,
+    compute: Any,
+    params: type,
+    advantages: Any,
+    loop: Loop = "group",
+    follow: Callable[[Any], dict[str, Any]] = adapt,
+    **declared: Any,
+) -> LossSpec:
+    """A critic-free method of the rollout loop, declared as its default options need it (`follow`: the
+    declaration fields that depend on the options)."""
     return LossSpec(
         name,
         compute,
         params,
         "prompts",
-        loop="group",
+        loop=loop,
         group_advantages=advantages,
-        adapt=adapt,
-        **adapt(params()),
+        adapt=follow,
+        **{**follow(params()), **declared},
     )
 
 
 SPECS = [
     group_spec("grpo", grpo_loss, GRPOParams, grpo_advantages),
-    group_spec("rloo", rloo_loss, RLOOParams, rloo_advantages),
+    group_spec(
+        "rloo",
+        sequence_advantage_loss,
+        RLOOParams,
+        rloo_advantages,
+        summary="max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) per completion token, A = r_i - mean_{j != i} "
+        "r_j over the other samples of the prompt (rewards net of beta * KL), aggregated by loss_type.",
+    ),
 ]

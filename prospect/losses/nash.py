@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from prospect.losses.base import LossSpec
-from prospect.losses.group import LOSS_TYPE_HELP, LOSS_TYPES, GroupParams, rloo_loss
+from prospect.losses.group import RLOOParams, group_spec, normalization, sequence_advantage_loss
 from prospect.options import FRACTION, NON_NEGATIVE, opt
 
 
 @dataclass
-class NashParams(GroupParams):
+class NashParams(RLOOParams):
     beta: float = opt(
         0.1,
         "tau: weight of the sequence KL to the reference (k1, summed over tokens) taken out of each reward.",
@@ -34,7 +33,6 @@ class NashParams(GroupParams):
         "reference).",
         bounds=FRACTION,
     )
-    loss_type: str = opt("sum", LOSS_TYPE_HELP, LOSS_TYPES)
 
 
 def nash_md_advantages(preferences: torch.Tensor, kl: torch.Tensor | None, p: NashParams) -> torch.Tensor:
@@ -43,16 +41,14 @@ def nash_md_advantages(preferences: torch.Tensor, kl: torch.Tensor | None, p: Na
     return centred - p.beta * kl if kl is not None and p.beta > 0 else centred
 
 
-NASH_MD = LossSpec(
+NASH_MD = group_spec(
     "nash_md",
-    rloo_loss,
+    sequence_advantage_loss,
     NashParams,
-    "prompts",
-    needs_reference=True,  # the opponent's mixture needs the reference whatever beta is
+    nash_md_advantages,
     loop="nash",
-    group_advantages=nash_md_advantages,
-    adapt=lambda p: {"normalize": "tokens" if p.loss_type in ("dapo", "bnpo") else "units"},
-    normalize="units",
+    follow=normalization,
+    needs_reference=True,  # the opponent's mixture needs the reference whatever beta is
     summary="Nash-MD-PG: policy gradient on P(y > y') against a geometric mixture of policy and reference "
     "(Munos et al., 2023), the KL to the reference taken out of the reward.",
 )

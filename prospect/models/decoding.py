@@ -78,24 +78,28 @@ class Stepper:
     rows are repeated or dropped in every cache together."""
 
     def __init__(self, model: nn.Module, mixture: Mixture | None):
-        self.parts: list[Part] = [(model, contextlib.nullcontext, 1.0)]
+        w = 0.0 if mixture is None else mixture.weight
+        self.parts: list[Part] = [(model, contextlib.nullcontext, 1 - w)]
         if mixture is not None:
-            self.parts = [(model, contextlib.nullcontext, 1 - mixture.weight)]
-            self.parts.append((mixture.reference, mixture.context, mixture.weight))
+            self.parts.append((mixture.reference, mixture.context, w))
         self.caches = [DynamicCache() for _ in self.parts]
 
     def __call__(self, **inputs: Any) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for (model, context, weight), cache in zip(self.parts, self.caches):
-            with context():
-                logits = (
-                    model(**inputs, **{cache_keyword(model): cache, "use_cache": True}).logits[:, -1].float()
-                )
-            if len(self.parts) == 1:
-                return logits  # the model's own logits, as generate sees them
-            total = weight * logits.log_softmax(-1) + (0 if total is None else total)
-        assert total is not None
-        return total
+        logits = [
+            self.last_logits(model, context, cache, inputs)
+            for (model, context, _), cache in zip(self.parts, self.caches)
+        ]
+        if len(logits) == 1:
+            return logits[0]  # the model's own logits, as generate sees them
+        return torch.stack([w * x.log_softmax(-1) for (_, _, w), x in zip(self.parts, logits)]).sum(0)
+
+    @staticmethod
+    def last_logits(
+        model: nn.Module, context: Any, cache: DynamicCache, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        with context():
+            output = model(**inputs, **{cache_keyword(model): cache, "use_cache": True})
+        return output.logits[:, -1].float()
 
     def repeat(self, n: int) -> None:
         for cache in self.caches:

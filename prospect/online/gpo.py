@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prospect.errors import UserError
-from prospect.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bounds, CommandLineText, build_section, opt
+from prospect.options import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bounds,
+    add_option_flags,
+    opt,
+    options_from_flags,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -439,7 +447,7 @@ def add_gpo_parser(commands: argparse._SubParsersAction) -> None:
         epilog="example:\n  prospect gpo train --data movielens-users --model smollm2 -o runs/gpo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_flags(train, GPOTrainConfig)
+    add_option_flags(train, GPOTrainConfig)
     train.add_argument("--output", "-o", required=True, help="the run directory to write")
     train.add_argument("--overwrite", action="store_true", help="replace a GPO run in the directory")
     evaluate_parser = steps.add_parser(
@@ -447,28 +455,16 @@ def add_gpo_parser(commands: argparse._SubParsersAction) -> None:
         help="alignment score and accuracy on the held-out groups, against the baselines, by context size",
     )
     evaluate_parser.add_argument("run", help="a `prospect gpo train` directory")
-    add_flags(evaluate_parser, GPOEvalConfig)
+    add_option_flags(evaluate_parser, GPOEvalConfig)
     evaluate_parser.add_argument("--output", "-o", help="JSON file to write (default: RUN/evaluation.json)")
-
-
-def add_flags(parser: argparse.ArgumentParser, section: type) -> None:
-    for f in dataclasses.fields(section):
-        choices = f.metadata.get("choices")
-        shown = f" [{', '.join(choices)}]" if choices else ""
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']}{shown} (default: {f.default})"
-        )
-
-
-def options_from(args: argparse.Namespace, section: type, where: str) -> Any:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(section)}
-    return build_section(section, {k: CommandLineText(v) for k, v in given.items() if v is not None}, where)
 
 
 def gpo_command(args: argparse.Namespace) -> None:
     """Run `prospect gpo train` or `prospect gpo evaluate`, every flag checked as its option is."""
     if args.gpo_command == "train":
-        run_train(options_from(args, GPOTrainConfig, "prospect gpo train"), Path(args.output), args.overwrite)
+        run_train(
+            options_from_flags(args, GPOTrainConfig, "prospect gpo train"), Path(args.output), args.overwrite
+        )
     else:
-        options = options_from(args, GPOEvalConfig, "prospect gpo evaluate")
+        options = options_from_flags(args, GPOEvalConfig, "prospect gpo evaluate")
         run_evaluate(Path(args.run), options, Path(args.output) if args.output else None)

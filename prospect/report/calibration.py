@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from prospect.errors import UserError
+from prospect.evaluation.preferences import KIND
 from prospect.io import read_json
 from prospect.report.markup import esc, figure, num, table, text
 from prospect.report.plots import data_uri, new_figure, set_labels, style
-
-KIND = "preferences"
 
 
 def load_preferences(path: Path) -> dict[str, Any]:
