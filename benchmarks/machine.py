@@ -4,6 +4,7 @@ throughput of the model's own matmul shapes (a small roofline), and waiting for 
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import os
 import sys
@@ -99,3 +100,23 @@ def wait_until_quiet(limit: float, timeout: float = 600.0) -> float:
     while os.getloadavg()[0] >= limit and time.time() - started < timeout:
         time.sleep(15)
     return os.getloadavg()[0]
+
+
+# Memory allocators a run may preload (option `jemalloc` or `tcmalloc` of either library): glibc's malloc
+# returns large freed blocks to the system, so every step maps and zero-fills them again.
+ALLOCATORS = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc_minimal"}
+
+
+def allocator_env(options: set[str]) -> dict[str, str]:
+    """LD_PRELOAD for the allocator among `options` ({} for glibc's); an allocator not installed is an error."""
+    chosen = sorted(options & ALLOCATORS.keys())
+    if not chosen:
+        return {}
+    if len(chosen) > 1:
+        raise SystemExit(f"one allocator at a time, got {' and '.join(chosen)}")
+    library = ctypes.util.find_library(ALLOCATORS[chosen[0]])
+    if library is None:
+        raise SystemExit(
+            f"{chosen[0]} is not installed (Debian: apt-get install libjemalloc2 libtcmalloc-minimal4)"
+        )
+    return {"LD_PRELOAD": library}

@@ -34,7 +34,15 @@ import time
 from pathlib import Path
 
 import torch
-from machine import KNOWN_BF16_PEAK, cpu_kind, matmul_peak, shape_roofline, wait_until_quiet
+from machine import (
+    ALLOCATORS,
+    KNOWN_BF16_PEAK,
+    allocator_env,
+    cpu_kind,
+    matmul_peak,
+    shape_roofline,
+    wait_until_quiet,
+)
 
 LR, BETA, BATCH = 1e-6, 0.1, 8
 
@@ -328,12 +336,15 @@ def useful_flops_per_token(job: str, tokens_per_sequence: float, reference_in_st
 def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     name, *options = args.worker.split("+")
     known = {"trl": TRL_OPTIONS, "prospect": PROSPECT_OPTIONS}.get(name)
-    if known is None or not set(options) <= known:
+    if known is None or not set(options) <= known | ALLOCATORS.keys():
         parser.error(f"unknown library or option {args.worker!r}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         run = run_trl if name == "trl" else run_prospect
-        result = run(args.job, Path(args.data), args.max_length, args.steps, out, set(options))
+        result = run(
+            args.job, Path(args.data), args.max_length, args.steps, out, set(options) - ALLOCATORS.keys()
+        )
+    result["settings"]["allocator"] = os.environ.get("LD_PRELOAD") or "glibc malloc"
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -349,7 +360,8 @@ def main() -> None:
         help="comma separated; a library and options joined by '+'. trl: nockpt (no gradient "
         "checkpointing), precompute (reference log-probs before training), sdpa or eager (attention). "
         "prospect: packed (padding-free rows), lean (gradient checkpointing), cached (reference log-probs "
-        "precomputed), eager or sdpa (transformers' attention instead of prospect's)",
+        "precomputed), eager or sdpa (transformers' attention instead of prospect's). Either library: "
+        "jemalloc or tcmalloc (preloaded as the memory allocator)",
     )
     parser.add_argument(
         "--max-load", type=float, default=0.8, help="wait (up to 10 min) for the load average to fall below"
@@ -371,9 +383,8 @@ def main() -> None:
             loads[library] = wait_until_quiet(args.max_load)
             command = [sys.executable, __file__, "--worker", library, "--job", args.job, "--data", str(data)]
             command += ["--max-length", str(args.max_length), "--steps", str(args.steps)]
-            done = subprocess.run(
-                command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
-            )
+            env = {**os.environ, "TQDM_DISABLE": "1", **allocator_env(set(library.split("+")))}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 print(f"{library} failed:\n{done.stderr[-3000:]}", file=sys.stderr)

@@ -140,6 +140,12 @@ class DataConfig:
         "'agreement' field); 0 keeps all.",
         bounds=FRACTION,
     )
+    max_per_rater: int = opt(
+        0,
+        "Train on at most this many rows of each rater (rows name theirs in a 'rater' field), so that a few "
+        "prolific raters cannot dominate; a rater's rows are kept by a hash of their content. 0 keeps all.",
+        bounds=NON_NEGATIVE,
+    )
     max_length: int = opt(256, "Maximum tokens of prompt + completion.", bounds=Bounds(2))
     max_prompt_length: int = opt(
         128, "Prompts longer than this keep their last tokens, when truncating.", bounds=AT_LEAST_ONE

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prospect.models.decoding import decode, left_padded
+from prospect.models.decoding import decode, left_padded, sample_rows
 
 from .test_sampling import prompts
 
@@ -90,6 +90,23 @@ def test_first_token_follows_the_model_distribution(model_and_tokenizer):
     top2 = set(probs.topk(2).indices.tolist())
     cut = decode(model, [p], 200, 1, [], tokenizer.pad_token_id, temperature=1.0, top_k=2)
     assert {tokens[0] for tokens, _ in cut} <= top2
+
+
+def test_inverse_transform_draws_follow_each_rows_probabilities():
+    """Counts of 20,000 draws per row against the probabilities: within 5 standard errors of a binomial count,
+    entries of probability 0 never drawn (also at the ends of the vocabulary), each row its own."""
+    probs = torch.tensor(
+        [[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9], [0, 0, 1.0, 0, 0, 0]]
+    )
+    torch.manual_seed(0)
+    n = 20_000
+    draws = torch.stack([sample_rows(probs) for _ in range(n)])  # [n, rows]
+    for row in range(3):
+        got = torch.bincount(draws[:, row], minlength=6).float()
+        expected = n * probs[row]
+        spread = (n * probs[row] * (1 - probs[row])).sqrt()
+        assert torch.all((got - expected).abs() <= 5 * spread + 1e-6), (row, got, expected)
+        assert torch.all(got[probs[row] == 0] == 0)
 
 
 def test_left_padding_aligns_prompts_right():

@@ -414,3 +414,13 @@ def test_real_vader_movie_ratings():
     alpha = report["agreement"]["all"]["interval"]
     assert 0.7 < alpha["low"] < alpha["alpha"] < alpha["high"] < 0.9
     assert 0.35 < report["judges"]["vader"]["pearson"] < 0.55  # Hutto & Gilbert report r = 0.451 on movies
+
+
+def test_judge_table_keeps_long_judge_names_whole_and_aligned():
+    from prospect.report.feedback import judge_lines
+
+    name = "reward:runs/reward-bt-smollm2-vader/final"
+    row = {"items": 3, "pearson": 0.5, "spearman": 0.25, "sign_agreement": 0.75}
+    header, group_line, total = judge_lines({name: {**row, "groups": {"tweets": row}}})
+    assert group_line.startswith(name) and total.startswith(name)
+    assert header.index("group") == group_line.index("tweets") == total.index("all")

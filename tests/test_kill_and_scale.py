@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import shutil
@@ -72,6 +73,19 @@ def test_sigkill_at_a_fault_point_resumes_bit_identically(fault, straight, tiny_
     assert steps == [1, 2, 3, 4, 5, 6]
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
     assert kept == ["step-000005", "step-000006"]  # keep_last=2, and never fewer than one good one
+
+
+@pytest.mark.parametrize("allocator", ["tcmalloc_minimal", "jemalloc"])
+def test_another_memory_allocator_trains_the_same_weights(allocator, straight, tiny_model_dir, tmp_path):
+    """benchmarks/README.md and docs/scale.md advise preloading tcmalloc for speed: the weights must not move."""
+    library = ctypes.util.find_library(allocator)
+    if library is None:
+        pytest.skip(f"{allocator} is not installed (Debian: libtcmalloc-minimal4, libjemalloc2)")
+    data, options, expected = straight
+    run = tmp_path / "run"
+    done = cli(tiny_overrides(tiny_model_dir, data, run, **options), env={"LD_PRELOAD": library})
+    assert done.returncode == 0, done.stderr
+    assert same(weights(run), expected)
 
 
 def damage_newest(run: Path, how: str) -> None:

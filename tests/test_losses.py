@@ -41,6 +41,7 @@ def margins(beta=1.0):
 
 def test_every_registered_loss_is_tested_here():
     here = {"kto", "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "slic", "simpo", "orpo", "sft", "csft"}
+    here |= {"diffusion_dpo", "diffusion_sft"}
     elsewhere = {"reward_bt", "reward_margin", "reward_regression", "ppo"}  # test_reward.py, test_ppo.py
     elsewhere |= {"grpo", "rloo"}  # test_grpo.py
     elsewhere |= {"kto_zero", "kto_logsigmoid"}  # test_kto_loss.py
@@ -149,3 +150,47 @@ def test_sft_is_the_summed_nll_per_sequence(name):
     x = LossInputs(policy_logps=torch.tensor([-3.0, -7.5]), completion_lengths=torch.tensor([2.0, 5.0]))
     assert compute(name, x).tolist() == [3.0, 7.5]
     assert get_loss(name).normalize == "tokens"  # the engine divides by completion tokens: token-mean NLL
+
+
+# Two pairs of images: denoising errors (mean squared error of the predicted noise) of the chosen (c) and
+# rejected (r) image under the policy and the reference, at a shared noise and timestep.
+ERRORS_C, ERRORS_R = [0.30, 0.52], [0.41, 0.47]
+REF_ERRORS_C, REF_ERRORS_R = [0.32, 0.50], [0.40, 0.49]
+
+
+def error_inputs() -> LossInputs:
+    return LossInputs(
+        policy_errors=torch.tensor(ERRORS_C + ERRORS_R, dtype=torch.float64, requires_grad=True),
+        reference_errors=torch.tensor(REF_ERRORS_C + REF_ERRORS_R, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("beta", [1.0, 5000.0])
+def test_diffusion_dpo_matches_formula(beta):
+    """-log sigmoid(-beta/2 * ((e_c - ref_c) - (e_r - ref_r))) (Wallace et al.; the authors' inside_term)."""
+    inside = [
+        -0.5 * beta * ((ec - rc) - (er - rr))
+        for ec, er, rc, rr in zip(ERRORS_C, ERRORS_R, REF_ERRORS_C, REF_ERRORS_R)
+    ]
+    assert compute("diffusion_dpo", error_inputs(), beta=beta).tolist() == pytest.approx(
+        [-log_sigmoid(z) for z in inside], rel=1e-9
+    )
+
+
+def test_diffusion_dpo_metrics_and_its_start():
+    spec = get_loss("diffusion_dpo")
+    params = spec.make_params({"name": "diffusion_dpo", "beta": 100.0}, "test")
+    out = spec.compute(error_inputs(), params)
+    total, count = out.means["gap"]
+    assert float(total / count) == pytest.approx(((-0.02 - 0.01) + (0.02 + 0.02)) / 2)  # d_c - d_r per pair
+    accuracy, n = out.means["rewards/accuracy"]
+    assert float(accuracy / n) == 0.5  # the first pair's chosen image gained, the second's lost
+    same = LossInputs(
+        policy_errors=error_inputs().reference_errors, reference_errors=error_inputs().reference_errors
+    )
+    assert spec.compute(same, params).losses.tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_diffusion_sft_is_the_denoising_error():
+    out = get_loss("diffusion_sft").compute(error_inputs(), None)
+    assert out.losses.tolist() == pytest.approx(ERRORS_C + ERRORS_R)

@@ -5,7 +5,9 @@ hand-computed losses, and the agreement reaching the loss in a real training ste
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from prospect.config import DataConfig
 from prospect.data.convert import labelled, to_pairs, to_unpaired
 from prospect.data.formats import Example, parse_paired, parse_rows
 from prospect.data.row import Row
+from prospect.data.splits import training_data
 from prospect.engine.trainer import Trainer
 from prospect.errors import UserError
 from prospect.losses import get_loss
@@ -173,3 +176,33 @@ def test_each_pairs_agreement_reaches_the_loss(tiny_model_dir, tmp_path):
         sum(1.0 if c > r else 0.5 if c == r else 0.0 for c in [3, 3, 2, 2] for r in [-2, -2, 3, -3]) / 16
     )
     assert seen and all(torch.allclose(a, torch.full_like(a, expected)) for a in seen)
+
+
+def rater_rows(tmp_path, rows: list[dict]):
+    return write_jsonl(tmp_path / "raters.jsonl", rows)
+
+
+def test_max_per_rater_caps_each_raters_rows_by_content_hash(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0, "rater": "ann"} for i in range(6)]
+    rows += [{"prompt": f"r{i}", "completion": f"b{i}", "label": True, "rater": 7} for i in range(2)]
+    rows += [{"prompt": "s", "completion": "c", "label": False}]  # names no rater: always kept
+    cap = 3
+    # Independently: ann's three rows whose JSON hashes lowest.
+    ann = sorted(rows[:6], key=lambda r: zlib.crc32(json.dumps(r, sort_keys=True).encode()))[:cap]
+    expected = {r["prompt"] for r in ann} | {"r0", "r1", "s"}
+    for order in (rows, rows[::-1]):
+        [(kind, parsed)] = training_data(
+            DataConfig(train=str(rater_rows(tmp_path, order)), max_per_rater=cap), False
+        )
+        assert kind == "unpaired" and {e.prompt for e in parsed} == expected
+    [(_, everything)] = training_data(DataConfig(train=str(rater_rows(tmp_path, rows))), False)
+    assert len(everything) == 9  # off by default
+
+
+def test_max_per_rater_without_rater_ids_or_with_a_bad_one_is_a_clear_error(tmp_path):
+    plain = rater_rows(tmp_path, [{"prompt": "q", "completion": "a", "label": True}])
+    with pytest.raises(UserError, match="'rater' field; none do"):
+        training_data(DataConfig(train=str(plain), max_per_rater=2), False)
+    bad = rater_rows(tmp_path, [{"prompt": "q", "completion": "a", "label": True, "rater": ["x"]}])
+    with pytest.raises(UserError, match=r"raters.jsonl:1: field 'rater': expected the rater's id"):
+        training_data(DataConfig(train=str(bad), max_per_rater=2), False)

@@ -326,6 +326,21 @@ def check_unique_ids(rows: list[Row]) -> None:
             seen[key] = row.location
 
 
+def rater_id(row: Row, required: bool = False) -> str | None:
+    """A row's rater id, text or a whole number, as text (None: the row names no rater)."""
+    rater = row.values.get("rater")
+    if rater is None and not required:
+        return None
+    if (
+        rater is None
+        or isinstance(rater, bool)
+        or not isinstance(rater, str | int)
+        or str(rater).strip() == ""
+    ):
+        raise field_error(row.location, "rater", "the rater's id (text or a whole number)", rater)
+    return str(rater)
+
+
 def parse_rows(rows: list[Row], requested: str) -> tuple[str, list]:
     """(format, parsed rows): Examples for unpaired/rated/completions/prompts, Pairs, or Rankings."""
     check_unique_ids(rows)

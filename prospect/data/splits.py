@@ -10,6 +10,7 @@ asks for that share of any data.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import zlib
@@ -19,7 +20,8 @@ from typing import Any
 
 from prospect.config import DataConfig, EvalConfig
 from prospect.data.convert import completion_key, prompt_key
-from prospect.data.formats import parse_rows
+from prospect.data.formats import parse_rows, rater_id
+from prospect.data.row import Row
 from prospect.data.sources import NoSuchSplit, Source, has_splits, read_source
 from prospect.errors import UserError
 
@@ -75,7 +77,10 @@ def training_data(cfg: DataConfig, evaluating: bool) -> list[Parsed]:
     mixture = components(cfg.train)
     for c in mixture:
         source = read_split(c.spec, cfg.train_split, cfg.subset, "data.train_split")
-        kind, parsed = parse_rows(source.rows[: cfg.limit or None], cfg.format)
+        rows = source.rows[: cfg.limit or None]
+        kind, parsed = parse_rows(rows, cfg.format)
+        if cfg.max_per_rater:
+            parsed = rater_balanced(rows, parsed, cfg.max_per_rater, c.spec)
         if evaluating and (cfg.eval_split == HELD_OUT or (shared and source.split is None)):
             kept = [p for p in parsed if not held_out(p, cfg.held_out_percent)]
             if not kept:
@@ -92,6 +97,35 @@ def training_data(cfg: DataConfig, evaluating: bool) -> list[Parsed]:
             parsed = kept
         parts.append((kind, parsed))
     return weighted(parts, mixture)
+
+
+def rater_balanced(rows: list[Row], parsed: list, cap: int, spec: str) -> list:
+    """At most `cap` parsed rows of each rater (a row's `rater` field; rows without one are all kept). A
+    rater's kept rows are those whose content hashes lowest: the same whatever the row order or the seed."""
+    raters = [rater_id(row) for row in rows]
+    if all(r is None for r in raters):
+        raise UserError(
+            f"{spec}: data.max_per_rater needs rows that name their rater in a 'rater' field; none do"
+        )
+    by_rater: dict[str, list[int]] = {}
+    for i, rater in enumerate(raters):
+        if rater is not None:
+            by_rater.setdefault(rater, []).append(i)
+    dropped: set[int] = set()
+    for indices in by_rater.values():
+        ranked = sorted(indices, key=lambda i: (content_hash(rows[i]), i))
+        dropped.update(ranked[cap:])
+    capped = sorted((len(v) for v in by_rater.values() if len(v) > cap), reverse=True)
+    if capped:
+        say_once(
+            f"{spec}: data.max_per_rater={cap} keeps {len(rows) - len(dropped)} of {len(rows)} rows; "
+            f"{len(capped)} of {len(by_rater)} raters had more (the most prolific {capped[0]})"
+        )
+    return [p for i, p in enumerate(parsed) if i not in dropped]
+
+
+def content_hash(row: Row) -> int:
+    return zlib.crc32(json.dumps(row.values, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
 
 
 def weighted(parts: list[Parsed], mixture: list[Component]) -> list[Parsed]:

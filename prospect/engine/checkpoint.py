@@ -372,18 +372,22 @@ class Checkpointer:
         module = acc.unwrap_model(self.policy)
         full = untied(module, acc.get_state_dict(self.policy) or {}) if self.sharded else full_weights(module)
         if acc.is_main_process:
-            model = module.model
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.run_dir))
-            if self.lora:
-                model.save_pretrained(tmp / "adapter")
-                name_adapter(tmp / "adapter", getattr(model, GIVEN_NAME, None))
-                model = copy.deepcopy(model).merge_and_unload()
-            weights = None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
-            save_in_dtype(model, tmp, weights, getattr(model, SOURCE_DTYPE, torch.float32))
-            self.tokenizer.save_pretrained(tmp)
+            self.export(module, full, tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
             print(f"saved {final}", flush=True)
         acc.wait_for_everyone()
         return final
+
+    def export(self, module: Any, full: dict[str, torch.Tensor] | None, directory: Path) -> None:
+        """Write the unwrapped trained `module` (`full`: its gathered weights when sharded) into `directory`."""
+        model = module.model
+        if self.lora:
+            model.save_pretrained(directory / "adapter")
+            name_adapter(directory / "adapter", getattr(model, GIVEN_NAME, None))
+            model = copy.deepcopy(model).merge_and_unload()
+        weights = None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
+        save_in_dtype(model, directory, weights, getattr(model, SOURCE_DTYPE, torch.float32))
+        self.tokenizer.save_pretrained(directory)

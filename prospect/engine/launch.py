@@ -14,8 +14,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from torch import nn
 from transformers.integrations import unset_hf_deepspeed_config
 
@@ -49,6 +50,18 @@ def make_accelerator(train: TrainConfig, **kwargs: Any) -> Accelerator:
         # them: transformers, told of ZeRO-3, would partition them as they load (zero.Init).
         unset_hf_deepspeed_config()
     return accelerator
+
+
+def configure_torch(train: TrainConfig) -> None:
+    """Threads, deterministic algorithms and every seed (python, numpy, torch), before any model is built."""
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN, which no kernel here reads (about 4,000
+        # fills in a short KTO step). Turned off, results are bit for bit the same (tests/test_engine.py).
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    set_seed(train.seed)
 
 
 def skip_shared_memory_op() -> None:

@@ -169,11 +169,12 @@ def write_model_card(run_dir: Path, loss_params: Any = None, steps: int | None =
     config = load_config(str(run_dir / "config.yaml"))
     spec = get_loss(config.loss_name)
     embedded = EMBEDDED.get(config.model.name)
+    tag = "text-generation" if spec.model == "policy" else "text-classification"
     data = ModelCardData(
         base_model=hub_base_model(config),
-        library_name="transformers",
+        library_name="diffusers" if spec.loop == "diffusion" else "transformers",
         license=embedded.license if embedded else None,
-        pipeline_tag="text-generation" if spec.model == "policy" else "text-classification",
+        pipeline_tag=None if spec.loop == "diffusion" else tag,
         tags=["prospect", spec.name, *(["lora"] if config.model.lora_r > 0 else [])],
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_text(run_dir, config, loss_params, steps)}")

@@ -9,6 +9,7 @@ by where it sits, so there the cache is filled with the very microbatches each p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch import nn
 from prospect.data.batching import Batch, Sequences, microbatch_slice, sequence_key, step_indices
 from prospect.data.shapes import DataShape, sequences_of
 from prospect.data.tokenize import Encoded, Encoder
+from prospect.errors import UserError
 from prospect.losses.base import ReferencePoint
 from prospect.models.attention import attention_kernel
 from prospect.models.reference import ReferenceCache, ReferenceFn, tokenizer_fingerprint, weights_fingerprint
@@ -38,6 +40,16 @@ class BatchOrder:
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.world
+
+    def total_steps(self, max_steps: int, epochs: float, source: str) -> int:
+        """`max_steps`, else `epochs` passes over the items; an error when they do not fill one global batch."""
+        per_epoch = self.num_items // self.global_batch
+        if per_epoch == 0:
+            raise UserError(
+                f"{source}: {self.num_items} training items, fewer than one global batch "
+                f"(batch_size {self.batch_size} x grad_accum {self.grad_accum} x {self.world} processes)"
+            )
+        return max_steps if max_steps > 0 else max(1, math.ceil(epochs * per_epoch))
 
     def microbatches(self, step: int, rank: int) -> list[list[int]]:
         indices = step_indices(self.num_items, self.global_batch, self.seed, step)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, get_scheduler
 
 from prospect.config import Config
@@ -31,7 +31,7 @@ from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
 from prospect.engine.checks import check_run_options, check_sharding, check_trackers
 from prospect.engine.heads import HEADS, RunContext
-from prospect.engine.launch import accumulating, make_accelerator
+from prospect.engine.launch import accumulating, configure_torch, make_accelerator
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.periodic_eval import Evaluations
 from prospect.engine.publish import finish_run
@@ -64,6 +64,8 @@ class StepResult:
 
 
 class Trainer:
+    throughput_unit = "tokens"  # what the metric `<unit>_per_s` counts (a step's metrics hold the total)
+
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
         self.cfg, t = config, config.train
         self.callbacks = callbacks or []
@@ -88,14 +90,7 @@ class Trainer:
         for warning in self.warnings:
             log.warning(warning)
 
-        if t.threads > 0:
-            torch.set_num_threads(t.threads)
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            # Deterministic mode also fills every new tensor with NaN, which no kernel here reads (about 4,000
-            # fills in a short KTO step). Turned off, results are bit for bit the same (tests/test_engine.py).
-            torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
-        set_seed(t.seed)  # python, numpy and torch
+        configure_torch(t)
         self.device = self.accelerator.device
         self.bf16 = use_bf16(t.precision, self.device)
         model, self.tokenizer = self.head.load(config.model)
@@ -114,24 +109,13 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.order = BatchOrder(len(self.data.items), t.seed, t.batch_size, t.grad_accum, self.world)
         self.global_batch = self.order.global_batch
-        per_epoch = len(self.data.items) // self.global_batch
-        if per_epoch == 0:
-            raise UserError(
-                f"{config.data.train}: {len(self.data.items)} training items, fewer than one global batch "
-                f"(batch_size {t.batch_size} x grad_accum {t.grad_accum} x {self.world} processes)"
-            )
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+        self.total_steps = self.order.total_steps(t.max_steps, t.epochs, config.data.train)
 
         self.model, self.peft_model = self.build_policy(model)
         self.scorer = self.build_scorer()
         if self.fsdp_on_cpu:  # before the optimizer is built, so that it holds the shards
             shard(self.scorer)
-        trainable = [p for p in self.scorer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
-        updates = self.total_steps * self.updates_per_step()
-        warmup = round(t.warmup_ratio * updates)
-        self.scheduler = get_scheduler(t.lr_scheduler, optimizer, warmup, num_training_steps=updates)
-        self.policy, self.optimizer = prepare(self.accelerator, self.scorer, optimizer)
+        self.build_optimizer(self.scorer)
         self.live_reference = self.build_reference()
         self.reference_forwards = 0  # sequences the reference model actually ran (0 when fully cached)
         self.reference = self.counted(self.live_reference) if self.live_reference else None
@@ -184,6 +168,16 @@ class Trainer:
     def check_options(self) -> None:
         """Settings that only make sense together, checked before anything loads."""
         check_run_options(self.cfg, self.spec)
+
+    def build_optimizer(self, module: torch.nn.Module) -> None:
+        """AdamW on `module`'s trainable weights and its learning-rate schedule; accelerate wraps all three."""
+        t = self.cfg.train
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
+        updates = self.total_steps * self.updates_per_step()
+        warmup = round(t.warmup_ratio * updates)
+        self.scheduler = get_scheduler(t.lr_scheduler, optimizer, warmup, num_training_steps=updates)
+        self.policy, self.optimizer = prepare(self.accelerator, module, optimizer)
 
     def trackers(self) -> list[str] | None:
         return check_trackers(self.cfg.train.report_to)
@@ -312,7 +306,8 @@ class Trainer:
             if is_main and self.run.set_aside:  # the overwritten run goes once the new one has a step
                 self.run.settle()
             self.maybe_refresh_reference()
-            metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - step_started)
+            unit = self.throughput_unit
+            metrics[f"{unit}_per_s"] = metrics.pop(unit) / (time.perf_counter() - step_started)
             if is_main:
                 metrics_log.write({"step": self.step, **metrics})
                 bar.update(1)

@@ -18,7 +18,7 @@ from typing import Any
 
 from prospect.config import DataConfig
 from prospect.data import vader
-from prospect.data.formats import Text, check_text, number, pair_agreement, parse_paired
+from prospect.data.formats import Text, check_text, number, pair_agreement, parse_paired, rater_id
 from prospect.data.row import Row
 from prospect.data.sources import has_splits, read_rows
 from prospect.data.splits import held_out, read_split
@@ -204,9 +204,7 @@ def row_marks(row: Row, form: str) -> tuple[list[Any], list[str]]:
             raise field_error(row.location, "ratings", "a non-empty list of numbers, one per rater", raw)
         return numbers, []
     if form == "rater":
-        rater = values["rater"]
-        if isinstance(rater, bool) or not isinstance(rater, (str, int)) or str(rater).strip() == "":
-            raise field_error(row.location, "rater", "the rater's id (text or a whole number)", rater)
+        rater = rater_id(row, required=True)
         if "rating" not in values:
             raise field_error(row.location, "rating", "a number: this rater's rating")
         return [number(row, "rating", values["rating"])], [str(rater)]

@@ -4,11 +4,11 @@ below is built from those lists, so a loss in a new module is one more name in `
 from __future__ import annotations
 
 from prospect.errors import UserError
-from prospect.losses import group, kto, nash, pairwise, ppo, reference_free, reward_model, sft
+from prospect.losses import diffusion, group, kto, nash, pairwise, ppo, reference_free, reward_model, sft
 from prospect.losses.base import LossInputs, LossOutput, LossSpec
 from prospect.options import suggest
 
-MODULES = (kto, pairwise, reference_free, sft, reward_model, ppo, group, nash)
+MODULES = (kto, pairwise, reference_free, sft, reward_model, ppo, group, nash, diffusion)
 LOSSES: dict[str, LossSpec] = {spec.name: spec for module in MODULES for spec in module.SPECS}
 
 

@@ -32,8 +32,9 @@ Head = Literal["policy", "reward"]
 Normalize = Literal["units", "tokens"]
 # How an engine step runs: batches of a dataset, or rollouts sampled from the policy: with a critic
 # (engine/ppo.py), critic-free with advantages from each prompt's group of samples (engine/rollout.py), or
-# against an opponent sampled from a mixture with the reference, paid by a preference (engine/nash.py).
-Loop = Literal["offline", "ppo", "group", "nash"]
+# against an opponent sampled from a mixture with the reference, paid by a preference (engine/nash.py); or
+# batches of images a diffusers denoiser learns to denoise (engine/diffusion.py).
+Loop = Literal["offline", "ppo", "group", "nash", "diffusion"]
 # Critic-free policy gradient: each sample's advantage from the sequence rewards of its prompt's group
 # [prompts, G], their sequence KL to the reference (None without one) and the loss's params.
 GroupAdvantages = Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor]
@@ -76,6 +77,8 @@ TensorInput = Literal[
     "group_index",
     "targets",
     "agreement",
+    "policy_errors",
+    "reference_errors",
 ]
 
 
@@ -98,6 +101,10 @@ class LossInputs:
     # [units]: the share of raters agreeing with each example's label or preferring each pair's chosen side,
     # where the data tells it (NaN: unknown); None when no unit has one.
     agreement: torch.Tensor | None = None
+    # Denoisers: each image's denoising error (mean squared error of the predicted noise) under the policy
+    # (with gradient) and the reference; for pairs, chosen rows first, as for log-probs.
+    policy_errors: torch.Tensor | None = None
+    reference_errors: torch.Tensor | None = None
 
     @overload
     def require(self, name: TensorInput) -> torch.Tensor: ...

@@ -110,6 +110,19 @@ class Stepper:
             cache.batch_select_indices(rows)
 
 
+def sample_rows(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of [rows, vocab] probabilities, by inverse transform: the first index whose
+    cumulative probability exceeds a uniform draw. Exact, like `torch.multinomial`, which draws an
+    exponential variate for every entry of the vocabulary (a fifth of a CPU decoding step); this draws one
+    uniform per row. Entries of probability 0 are never chosen."""
+    cumulative = probs.float().cumsum(-1)
+    total = cumulative[:, -1:]
+    draw = torch.rand(total.shape, device=probs.device) * total
+    # Kept below the total, which rounding could reach, so that the last non-zero entry ends the search.
+    draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, draw, right=True).squeeze(1)
+
+
 @torch.no_grad()
 def decode(
     model: nn.Module,
@@ -148,7 +161,7 @@ def decode(
     for step in range(max_new_tokens):
         if temperature > 0:
             scores = process(cast(torch.LongTensor, input_ids), logits)  # these warpers ignore the ids
-            chosen = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+            chosen = sample_rows(scores.softmax(-1))
         else:
             chosen = logits.argmax(-1)
         stopped = torch.isin(chosen, stop_ids)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -23,6 +24,8 @@ from prospect.models.sampling import HFSampler, Sample, SamplingParams, rollout_
 from prospect.online.labellers import Group
 from prospect.progress import Progress
 from prospect.rewards import load_reward
+
+log = logging.getLogger(__name__)
 
 Row = TypeVar("Row")
 
@@ -69,10 +72,15 @@ class SamplingSession:
         params = rollout_params(self.config.online, self.seed)
         with self.progress(self.label, len(self.items) * params.n) as progress:
             out = self.sampler.generate([it.prompt_ids for it in self.items], params, progress)
-        return [
-            Group(it.prompt, completions, [], it.fields)
+        # A sample that stops at once is empty text, which no training row may hold: it is left out.
+        groups = [
+            Group(it.prompt, [c for c in completions if c.strip()], [], it.fields)
             for it, completions in zip(self.items, self.decode(out))
         ]
+        empty = len(self.items) * params.n - sum(len(g.completions) for g in groups)
+        if empty and self.state.is_main_process:
+            log.warning(f"{self.label}: {empty} empty samples (a stop token first) left out")
+        return groups
 
     def chat(self, conversations: list[list[dict]], max_new_tokens: int, what: str = "replies") -> list[str]:
         """One reply by the policy to each conversation, through its chat template."""

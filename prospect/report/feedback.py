@@ -15,7 +15,7 @@ from prospect.errors import UserError
 from prospect.evaluation.feedback_checks import LENGTH_GAP_Z
 from prospect.io import write_text_atomic
 from prospect.report.markup import Cell, esc, figure, num, table, text
-from prospect.report.page import STYLE
+from prospect.report.page import html_document
 from prospect.report.plots import Z95, data_uri, new_figure, set_labels, style
 
 SHOWN_RATERS = 20  # the page lists the raters least in line with the others, and every flagged one
@@ -149,10 +149,12 @@ def judge_rows(judges: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def judge_lines(judges: dict[str, Any]) -> list[str]:
-    lines = [f"{'judge':16}{'group':24}{'items':>8}{'pearson':>9}{'spearman':>10}{'sign agrees':>13}"]
+    """The judges' agreement with the people; the judge column as wide as its longest name."""
+    width = max([len("judge"), *(len(name) for name in judges)]) + 2
+    lines = [f"{'judge':{width}}{'group':24}{'items':>8}{'pearson':>9}{'spearman':>10}{'sign agrees':>13}"]
     for name, group, r in judge_rows(judges):
         lines.append(
-            f"{name[:16]:16}{group[:24]:24}{r['items']:>8}{show(r['pearson']):>9}{show(r['spearman']):>10}"
+            f"{name:{width}}{group[:24]:24}{r['items']:>8}{show(r['pearson']):>9}{show(r['spearman']):>10}"
             f"{show(r['sign_agreement']):>13}"
         )
     return lines
@@ -403,9 +405,5 @@ def write_page(report: dict[str, Any], path: Path) -> Path:
         feedback_section(report),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        path,
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-        f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n",
-    )
+    write_text_atomic(path, html_document(title, body))
     return path

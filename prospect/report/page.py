@@ -398,6 +398,11 @@ def render(runs: list[Run], files: list[EvalFile], preferences: list[tuple[Path,
             frontier = frontier_html(run_frontiers([run], {run.path: run.method}), run.name, RUN_NOTE)
             frontier += points_table([run]) if frontier else ""
         body.append(run_section(run, frontier, open_samples=len(runs) == 1))
+    return html_document(title, body)
+
+
+def html_document(title: str, body: list[str]) -> str:
+    """A self-contained page: the report's style, `body`'s parts in order."""
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
