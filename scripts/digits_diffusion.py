@@ -40,6 +40,7 @@ from prospect.evaluation.digits import (
     fit_features,
     fit_judge,
     fit_labeller,
+    flat,
     generate,
     labeller_probabilities,
     save_grid,
@@ -127,7 +128,7 @@ def tuned(name: str, base: Path, out: Path, labeller: Any, per_digit: int, steps
             **{option.replace(".", "__"): value},
         )
         images = generate(models[value], digits.tolist(), seeds, steps)
-        shares[value] = float((labeller.predict(images.reshape(len(images), -1)) == digits).mean())
+        shares[value] = float((labeller.predict(flat(images)) == digits).mean())
     best = max(values, key=lambda v: shares[v])
     return models[best], {
         "option": option,

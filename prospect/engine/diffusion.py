@@ -195,11 +195,7 @@ class DiffusionTrainer(Trainer):
                 )
         errors = denoising_errors(self.policy, schedule, clean, noise, timesteps, condition)
         out = self.spec.compute(LossInputs(policy_errors=errors, reference_errors=reference), self.params)
-        stats.add_mean("loss", out.losses.detach().sum(), float(batch.units))
-        stats.add_total(self.throughput_unit, float(clean.shape[0]))
-        for name, (total, count) in out.means.items():
-            stats.add_mean(name, total, count)
-        return out.losses.sum()
+        return self.record(out, stats, batch.units, float(clean.shape[0]))
 
     def banner(self) -> str:
         t, kind, unet = self.cfg.train, self.accelerator.distributed_type, self.parts.unet

@@ -40,6 +40,7 @@ from prospect.engine.rundir import RunDir
 from prospect.engine.sharding import fsdp_on_cpu, full, gathered, prepare, shard
 from prospect.errors import UserError
 from prospect.losses import get_loss
+from prospect.losses.base import LossOutput
 from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model, prepare_for_training, with_lora
 from prospect.models.precision import use_bf16, warn_of_bf16_ties
@@ -376,15 +377,19 @@ class Trainer:
         point = self.estimate_reference_point(batch)
         inputs = self.head.inputs(self.policy, batch, self.tokenizer.pad_token_id, reference, point)
         out = self.spec.compute(inputs, self.params)
-        stats.add_mean("loss", out.losses.detach().sum(), float(self.units(batch)))
         reference_point = self.spec.reference_point
         if point is not None and reference_point is not None:  # a point is estimated only for such a spec
             stats.add_mean(reference_point.metric, point, 1.0)
+        return self.record(out, stats, self.units(batch), float(batch.sequences.tokens))
+
+    def record(self, out: LossOutput, stats: StepStats, units: int, processed: float) -> torch.Tensor:
+        """The microbatch's loss, metrics and `processed` throughput units into `stats`; its summed loss."""
+        stats.add_mean("loss", out.losses.detach().sum(), float(units))
         for name, (total, n) in out.means.items():
             stats.add_mean(name, total, n)
         for name, value in out.totals.items():
             stats.add_total(name, value)
-        stats.add_total("tokens", float(batch.sequences.tokens))
+        stats.add_total(self.throughput_unit, processed)
         return out.losses.sum()
 
     def optimizer_step(self, loss: float, locations: list[str]) -> tuple[float, bool]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from prospect.losses.base import LossInputs, LossOutput, LossSpec, chosen_rejected, mean_of
@@ -40,19 +39,13 @@ class DiffusionSFTParams:
     pass
 
 
-def error_gaps(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_chosen, d_rejected): each image's denoising error under the policy minus under the reference."""
-    gaps = x.require("policy_errors") - x.require("reference_errors")
-    return chosen_rejected(gaps)
-
-
 def diffusion_dpo_loss(x: LossInputs, p: DiffusionDPOParams) -> LossOutput:
     """-log sigmoid(-beta/2 * (d_c - d_r)), d the policy's denoising error minus the reference's, at a shared
     noise and timestep (Diffusion-DPO, Wallace et al.)."""
-    d_c, d_r = error_gaps(x)
-    logits = -0.5 * p.beta * (d_c - d_r)
     error_c, error_r = chosen_rejected(x.require("policy_errors"))
     reference_c, reference_r = chosen_rejected(x.require("reference_errors"))
+    d_c, d_r = error_c - reference_c, error_r - reference_r  # how much worse the policy denoises each image
+    logits = -0.5 * p.beta * (d_c - d_r)
     metrics = {
         "rewards/margin": mean_of(logits),
         "rewards/accuracy": mean_of((logits > 0).float()),  # the paper's implicit accuracy

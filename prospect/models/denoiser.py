@@ -25,6 +25,7 @@ from torch import nn
 from prospect.config import ModelConfig
 from prospect.data.images import Geometry
 from prospect.errors import UserError
+from prospect.models.reference import frozen
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -113,12 +114,6 @@ def load_denoiser(cfg: ModelConfig) -> DenoiserParts:
     if config["_class_name"] == "UNet2DConditionModel" and parts.text_encoder is None:
         raise UserError(f"{root}: a UNet2DConditionModel needs text_encoder/ and tokenizer/ beside unet/")
     return parts
-
-
-def frozen(module: Any) -> Any:
-    """A module that is never trained (a text encoder, a VAE): no gradients, evaluation mode."""
-    module.requires_grad_(False)
-    return module.eval()
 
 
 class Conditioner:

@@ -72,12 +72,15 @@ def store_linears_in_bf16(model: nn.Module) -> bool:
     return False
 
 
+def frozen(module: nn.Module) -> nn.Module:
+    """`module` never trained: no gradients, evaluation mode."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy with gradients off, taken before training touches the policy."""
-    reference = copy.deepcopy(model)
-    reference.requires_grad_(False)
-    reference.eval()
-    return reference
+    return frozen(copy.deepcopy(model))
 
 
 class FrozenReference:
