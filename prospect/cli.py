@@ -192,6 +192,11 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     arg("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="as train.precision")
     arg("--overwrite", action="store_true", help="replace an existing output file")
     arg("--trust-remote-code", action="store_true", help="allow custom modelling code from the hub")
+    arg(
+        "--chat-template",
+        help="as model.chat_template, for models given outside a run directory (a base model by name, e.g. "
+        "--baseline gemma3-270m --chat-template gemma); a run's model keeps its own",
+    )
 
 
 def eval_command(args: argparse.Namespace) -> None:
@@ -215,6 +220,7 @@ def eval_command(args: argparse.Namespace) -> None:
         EvalRequest(
             args.checkpoints, args.output, args.baseline, args.reference, args.prompts, args.judges,
             sampling, args.seed, args.bootstrap, args.precision, ai, args.overwrite, args.trust_remote_code,
+            args.chat_template,
         )
     )  # fmt: skip
 

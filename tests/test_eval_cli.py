@@ -183,3 +183,16 @@ def test_bad_input_is_one_line(args, expected, trained_run, tiny_model_dir, tmp_
     out.write_text("{}")
     code, _, err = run_cli(["eval", str(run), "-o", str(out)], capsys)
     assert err == f"error: {out}: exists; pass --overwrite to replace it\n"
+
+
+def test_chat_template_applies_to_models_outside_a_run_only(trained_run, tiny_model_dir):
+    """A base model given by name or directory takes --chat-template; a run's checkpoint keeps its own."""
+    run, _ = trained_run
+    outside = checkpoints.find_model(str(tiny_model_dir), "--baseline", chat_template="gemma")
+    inside = checkpoints.find_model(str(run), "checkpoint", chat_template="gemma")
+    assert outside.config.chat_template == "gemma" and outside.run is None
+    assert inside.config.chat_template is None and inside.run is not None
+    by_name = checkpoints.find_model("gemma3-270m", "--baseline", chat_template="gemma")
+    assert (by_name.config.name, by_name.config.chat_template) == ("gemma3-270m", "gemma")
+    reference = checkpoints.reference_of(inside, str(tiny_model_dir), False, "zephyr")
+    assert reference.chat_template == "zephyr"

@@ -15,25 +15,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 
 from prospect.config import Config
 from prospect.data.images import ImageItem, pixel_batch, read_image_items
-from prospect.data.tokenize import Encoder
 from prospect.engine.checkpoint import Checkpointer
-from prospect.engine.launch import configure_torch, make_accelerator
+from prospect.engine.launch import configure_torch
 from prospect.engine.metrics import StepStats
 from prospect.engine.periodic_eval import Evaluations
 from prospect.engine.publish import check_push_target
 from prospect.engine.reference_plan import BatchOrder
-from prospect.engine.rundir import RunDir
 from prospect.engine.sharding import fsdp_on_cpu
 from prospect.engine.trainer import StepResult, Trainer
 from prospect.errors import UserError
-from prospect.losses import get_loss
 from prospect.losses.base import LossInputs, LossSpec
 from prospect.models.denoiser import (
     Conditioner,
@@ -108,27 +105,12 @@ class DiffusionTrainer(Trainer):
     throughput_unit = "images"
 
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
-        self.cfg, t, d = config, config.train, config.data
-        self.callbacks = callbacks or []
-        self.spec = get_loss(config.loss_name)
-        self.params = self.spec.make_params(config.loss, f"{config.source}: loss")
-        check_diffusion_options(config, self.spec)
-        self.accelerator = make_accelerator(t, log_with=self.trackers(), project_dir=t.output_dir)
-        self.sharded = self.fsdp_on_cpu = False
-        kind = self.accelerator.distributed_type
-        if fsdp_on_cpu(self.accelerator) or kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise UserError(
-                f"loss '{self.spec.name}': denoisers train on one process or with DDP, not {kind.value}"
-            )
-        self.run = RunDir(config)
-        self.run_dir, is_main = self.run.path, self.accelerator.is_main_process
-        if is_main:  # first, before anything slow
-            print(self.run.announce(report=False), flush=True)
+        t, d = config.train, config.data
+        self.open_run(config, callbacks)
         self.geometry = geometry_of(config.model.name)
         pairs = self.spec.data == "paired"
         self.items = read_image_items(d.train, d.train_split, d.subset, pairs, self.geometry, d.limit)
-        # Held-out evaluation reads text; for a denoiser it does nothing (eval options are refused above).
-        self.evals = Evaluations(config, self.spec, cast(Encoder, None), self.run_dir, is_main)
+        self.evals = Evaluations(config, self.spec, None, self.run_dir, self.accelerator.is_main_process)
         configure_torch(t)
         self.device = self.accelerator.device
         self.bf16 = use_bf16(t.precision, self.device)
@@ -161,10 +143,21 @@ class DiffusionTrainer(Trainer):
             loop_state=self.loop_state,
             load_loop_state=self.load_loop_state,
         )
-        self.step, self.skips, self.skips_in_a_row = 0, 0, 0
-        if is_main:  # every input has loaded: only now is a run directory made
-            self.run.create()
-        self.accelerator.wait_for_everyone()
+        self.create_run()
+
+    def check_options(self) -> None:
+        check_diffusion_options(self.cfg, self.spec)
+
+    def check_distribution(self) -> None:
+        self.sharded = self.fsdp_on_cpu = False
+        kind = self.accelerator.distributed_type
+        if fsdp_on_cpu(self.accelerator) or kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UserError(
+                f"loss '{self.spec.name}': denoisers train on one process or with DDP, not {kind.value}"
+            )
+
+    def reports_samples(self) -> bool:
+        return False
 
     # The engine's loop hands on what `make_batch` returns; for a denoiser that is an ImageBatch.
     def make_batch(self, indices: list[int]) -> ImageBatch:  # type: ignore[override]

@@ -88,7 +88,8 @@ def numbers(result: Any) -> dict[str, float | None]:
 
 
 class Evaluations:
-    def __init__(self, config: Config, spec: LossSpec, encoder: Encoder, run_dir: Path, is_main: bool):
+    def __init__(self, config: Config, spec: LossSpec, encoder: Encoder | None, run_dir: Path, is_main: bool):
+        """`encoder` None: no held-out loss (a denoiser, whose evaluation options are refused first)."""
         e = config.eval
         self.every, self.metric, self.patience = e.every, e.best_metric, e.early_stopping_patience
         self.sampled = e.num_prompts > 0
@@ -96,7 +97,7 @@ class Evaluations:
         self.batch_size = config.train.batch_size
         self.min_batch = spec.reference_point.min_batch_size if spec.reference_point else 1
         self.items: list = []
-        if self.every and e.loss_rows and spec.loop == "offline":
+        if self.every and e.loss_rows and spec.loop == "offline" and encoder is not None:
             rows = read_heldout(config.data, spec.data, config.train.seed)[: e.loss_rows]
             self.items = encode_all(rows, encoder).items
             if len(self.items) < self.min_batch:

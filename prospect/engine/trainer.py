@@ -29,17 +29,15 @@ from prospect.data.shapes import make_batch
 from prospect.data.splits import evaluates
 from prospect.data.tokenize import Encoder
 from prospect.engine import checkpoint as ckpt
-from prospect.engine.checks import check_run_options, check_sharding, check_trackers
 from prospect.engine.heads import HEADS, RunContext
-from prospect.engine.launch import accumulating, configure_torch, make_accelerator
+from prospect.engine.launch import accumulating, configure_torch
 from prospect.engine.metrics import MetricsLog, StepStats, format_line
 from prospect.engine.periodic_eval import Evaluations
 from prospect.engine.publish import finish_run
 from prospect.engine.reference_plan import BatchOrder, ReferencePlan, reference_fingerprint
-from prospect.engine.rundir import RunDir
-from prospect.engine.sharding import fsdp_on_cpu, full, gathered, prepare, shard
+from prospect.engine.run_start import RunStart
+from prospect.engine.sharding import full, gathered, prepare, shard
 from prospect.errors import UserError
-from prospect.losses import get_loss
 from prospect.losses.base import LossOutput
 from prospect.models.attention import attention_cost, uses_segments
 from prospect.models.loading import load_model, prepare_for_training, with_lora
@@ -64,26 +62,13 @@ class StepResult:
     metrics: dict[str, float]
 
 
-class Trainer:
+class Trainer(RunStart):
     throughput_unit = "tokens"  # what the metric `<unit>_per_s` counts (a step's metrics hold the total)
 
     def __init__(self, config: Config, callbacks: list[Callable[[Trainer, StepResult], None]] | None = None):
-        self.cfg, t = config, config.train
-        self.callbacks = callbacks or []
-        self.spec = get_loss(config.loss_name)
-        self.params = self.spec.make_params(config.loss, f"{config.source}: loss")
-        self.spec = self.spec.resolved(self.params)  # a declaration may follow its options (GRPO, beta 0)
+        t = config.train
+        self.open_run(config, callbacks)
         self.head = HEADS[self.spec.model]
-        self.check_options()
-        # With no GPU, multi-process launches run over gloo on the CPU (DDP, FSDP2 or DeepSpeed ZeRO).
-        self.accelerator = make_accelerator(t, log_with=self.trackers(), project_dir=t.output_dir)
-        self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        self.fsdp_on_cpu = fsdp_on_cpu(self.accelerator)  # sharded by prospect: accelerate will not on CPU
-        check_sharding(self.sharded or self.fsdp_on_cpu, config.model)
-        self.run = RunDir(config)
-        self.run_dir = self.run.path
-        if self.accelerator.is_main_process:  # first, before anything slow
-            print(self.run.announce(report=self.head.samples_for_evaluation), flush=True)
         examples = read_training(config.data, self.spec.data, t.seed, evaluates(config.eval))
         self.warnings: list[str] = []
         if self.spec.check_data:
@@ -159,17 +144,9 @@ class Trainer:
         self.evals = Evaluations(
             config, self.spec, self.encoder, self.run_dir, self.accelerator.is_main_process
         )
-        self.step = 0
-        self.skips = self.skips_in_a_row = 0  # updates skipped for a non-finite loss or gradient
-        if self.accelerator.is_main_process:  # every input has loaded: only now is a run directory made
-            self.run.create()
-        self.accelerator.wait_for_everyone()
+        self.create_run()
 
     # ----- set-up -------------------------------------------------------------------------------
-    def check_options(self) -> None:
-        """Settings that only make sense together, checked before anything loads."""
-        check_run_options(self.cfg, self.spec)
-
     def build_optimizer(self, module: torch.nn.Module) -> None:
         """AdamW on `module`'s trainable weights and its learning-rate schedule; accelerate wraps all three."""
         t = self.cfg.train
@@ -179,9 +156,6 @@ class Trainer:
         warmup = round(t.warmup_ratio * updates)
         self.scheduler = get_scheduler(t.lr_scheduler, optimizer, warmup, num_training_steps=updates)
         self.policy, self.optimizer = prepare(self.accelerator, module, optimizer)
-
-    def trackers(self) -> list[str] | None:
-        return check_trackers(self.cfg.train.report_to)
 
     def build_policy(self, model: PreTrainedModel) -> tuple[torch.nn.Module, Any]:
         """(the trained model, its PEFT wrapper or None); keeps a frozen copy for the reference first."""

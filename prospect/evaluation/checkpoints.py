@@ -57,6 +57,7 @@ class EvalRequest:
     ai: AIJudgeOptions = field(default_factory=AIJudgeOptions)
     overwrite: bool = False
     trust_remote_code: bool = False
+    chat_template: str | None = None  # for models outside a run directory (a base model by name)
 
 
 @dataclass
@@ -66,8 +67,11 @@ class Model:
     run: Config | None  # the run it comes from
 
 
-def find_model(given: str, what: str, trust_remote_code: bool = False) -> Model:
-    """A run directory (its final/), a model directory (in a run or not), or a hub or embedded name."""
+def find_model(
+    given: str, what: str, trust_remote_code: bool = False, chat_template: str | None = None
+) -> Model:
+    """A run directory (its final/), a model directory (in a run or not), or a hub or embedded name.
+    `chat_template` (as model.chat_template) applies to a model outside a run; a run's model has its own."""
     path = Path(given).expanduser()
     if path.is_dir() and (path / MARKER).is_file():
         if not (path / "final" / "config.json").is_file():
@@ -84,18 +88,22 @@ def find_model(given: str, what: str, trust_remote_code: bool = False) -> Model:
     elif path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{what} {given}: not a run directory, and no config.json: not a transformers model")
     if not path.exists():
-        return Model(given, ModelConfig(name=given, trust_remote_code=trust_remote_code), None)
+        config = ModelConfig(name=given, trust_remote_code=trust_remote_code, chat_template=chat_template)
+        return Model(given, config, None)
     run_dir = next((d for d in path.resolve().parents if (d / MARKER).is_file()), None)
     run = run_config(run_dir) if run_dir else None
     trust = trust_remote_code or bool(run and run.model.trust_remote_code)
-    return Model(given, ModelConfig(name=str(path), trust_remote_code=trust), run)
+    template = None if run else chat_template
+    return Model(given, ModelConfig(name=str(path), trust_remote_code=trust, chat_template=template), run)
 
 
-def reference_of(model: Model, given: str | None, trust_remote_code: bool) -> ModelConfig:
+def reference_of(
+    model: Model, given: str | None, trust_remote_code: bool, chat_template: str | None = None
+) -> ModelConfig:
     """--reference when given, else the run's reference: the model it started from (or its
     train.reference_model), loaded as the run loaded it."""
     if given is not None:
-        return find_model(given, "--reference", trust_remote_code).config
+        return find_model(given, "--reference", trust_remote_code, chat_template).config
     if model.run is None:
         raise UserError(
             f"checkpoint {model.name}: not in a run directory, so its reference model is unknown; give it "
@@ -223,11 +231,12 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     if out.is_dir():
         raise UserError(f"{out}: is a directory; expected a JSON file to write")
     judges = check_judges(request.judges, request.ai)
-    models = [find_model(c, "checkpoint", request.trust_remote_code) for c in request.checkpoints]
-    references = [reference_of(m, request.reference, request.trust_remote_code) for m in models]
+    trust, template = request.trust_remote_code, request.chat_template
+    models = [find_model(c, "checkpoint", trust, template) for c in request.checkpoints]
+    references = [reference_of(m, request.reference, trust, template) for m in models]
     baseline = None
     if request.baseline != "reference":
-        baseline = find_model(request.baseline, "--baseline", request.trust_remote_code)
+        baseline = find_model(request.baseline, "--baseline", trust, template)
     data = prompt_data(request.prompts, models)
     prompts = read_eval_prompts(data, request.sampling.num_prompts)
     if not prompts:

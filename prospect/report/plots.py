@@ -137,15 +137,14 @@ def bars_figure(
             )
     if reference is not None:
         ax.axhline(reference[0], color="black", linestyle=":", linewidth=1, label=reference[1])
+    rotated = len(groups) > 3
     ax.set_xticks(
-        range(len(groups)),
-        groups,
-        rotation=20 if len(groups) > 3 else 0,
-        ha="right" if len(groups) > 3 else "center",
+        range(len(groups)), groups, rotation=20 if rotated else 0, ha="right" if rotated else "center"
     )
     set_labels(fig, ax, title, "", ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=3)
+    below = -0.32 if rotated else -0.18  # under the tick labels, which rotated ones push down
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, below), ncols=3)
     return data_uri(fig)
 
 
