@@ -1,8 +1,9 @@
 """The one training loop: a loss declares what it needs; this loop computes it, normalises it over the whole
 optimizer step, and runs it on every device accelerate gives it. Read top to bottom: set-up, `train`, then one
 step (`train_step` -> `accumulate_gradients` -> `microbatch_loss` -> `optimizer_step`). Collaborators own the
-rest: the head (`heads.py`), the reference plan (`reference_plan.py`), the checkpointer (`checkpoint.py`), the
-held-out evaluations before, during and after training and the ETA (`periodic_eval.py`, `evaluation/`)."""
+rest: the start every trainer shares (`run_start.py`), the head (`heads.py`), the reference plan
+(`reference_plan.py`), the checkpointer (`checkpoint.py`), the held-out evaluations before, during and after
+training and the ETA (`periodic_eval.py`, `evaluation/`)."""
 
 from __future__ import annotations
 
