@@ -1,4 +1,4 @@
-"""The base-model table of docs/results.md (section 5): for each `prospect eval` file, each checkpoint's KL to
+"""The base-model table of docs/results.md (section 6): for each `prospect eval` file, each checkpoint's KL to
 the base model, its score and win rate against the base by every judge, and the share of completions that do
 what the VADER prompts ask (begin with the quoted words), printed as Markdown; the win rates drawn as bars.
 

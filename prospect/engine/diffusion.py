@@ -28,7 +28,6 @@ from prospect.engine.metrics import StepStats
 from prospect.engine.periodic_eval import Evaluations
 from prospect.engine.publish import check_push_target
 from prospect.engine.reference_plan import BatchOrder
-from prospect.engine.sharding import fsdp_on_cpu
 from prospect.engine.trainer import StepResult, Trainer
 from prospect.errors import UserError
 from prospect.losses.base import LossInputs, LossSpec
@@ -149,11 +148,11 @@ class DiffusionTrainer(Trainer):
         check_diffusion_options(self.cfg, self.spec)
 
     def check_distribution(self) -> None:
-        self.sharded = self.fsdp_on_cpu = False
-        kind = self.accelerator.distributed_type
-        if fsdp_on_cpu(self.accelerator) or kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        super().check_distribution()
+        if self.sharded or self.fsdp_on_cpu:
+            kind = self.accelerator.distributed_type.value
             raise UserError(
-                f"loss '{self.spec.name}': denoisers train on one process or with DDP, not {kind.value}"
+                f"loss '{self.spec.name}': denoisers train on one process or with DDP, not {kind}"
             )
 
     def reports_samples(self) -> bool:
